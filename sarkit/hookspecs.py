@@ -1,0 +1,145 @@
+"""Every sarkit hook, in one place, grouped by phase.
+
+A plugin is any module or object with functions named like these, marked with
+``sarkit.hookimpl``. Built-in features are plugins too: they register through the same
+manager, before third-party plugins, so a third-party implementation is called first and
+can take over a stage by returning a result (or decline by returning ``None``).
+
+Two kinds of hooks:
+
+* *Registries* are collected: every plugin may contribute, results are concatenated, and
+  a later name replaces an earlier one only where the registry's docstring says so.
+* *Stages* are ``firstresult``: the first implementation that returns something other than
+  ``None`` does the stage. The built-in implementation is last in line.
+
+Options objects are plain dataclasses defined beside each stage (``sarkit.<stage>``); a
+plugin reads the fields it needs and ignores the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("sarkit")
+
+# --------------------------------------------------------------------------------------
+# Registries: what users swap by installing a plugin.
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def sarkit_sensors() -> list[Any]:
+    """Contribute SAR sensor profiles (``sarkit.sensors.SensorProfile``).
+
+    Called once when the sensor registry is first needed. Return a list of profiles: a name
+    (``--sensor``), band, nominal pixel size, polarisations and how to recognise the
+    platform's files from metadata or file names. Profiles from all plugins are collected;
+    a later plugin's profile with the same name replaces the earlier one.
+    """
+
+
+@hookspec
+def sarkit_quantisers() -> list[Any]:
+    """Contribute quantisers (``sarkit.raster.quantise.Quantiser``): float SAR -> uint8.
+
+    Called once when the quantiser registry is first needed. A quantiser fits its
+    parameters on scene-level statistics, then maps every tile with the same parameters so
+    neighbouring tiles agree. Collected from all plugins; same name replaces.
+    """
+
+
+@hookspec
+def sarkit_quality_filters() -> list[Any]:
+    """Contribute tile quality filters for ``sarkit filter``.
+
+    Called once per ``filter`` run. Each filter scores or rejects a tile record (with its
+    pixels) and names its reason. Collected from all plugins.
+    """
+
+
+@hookspec
+def sarkit_llm_backends() -> list[Any]:
+    """Contribute LLM backends for ``sarkit caption``; each registers the model names it serves.
+
+    Called once when ``--llm NAME`` is resolved. Collected from all plugins; the first
+    backend that claims a model name serves it, so a third-party backend can take a name
+    from a built-in one.
+    """
+
+
+@hookspec
+def sarkit_task_heads() -> list[Any]:
+    """Contribute downstream task heads (classify, detect, segment, retrieve, caption, vqa).
+
+    Called once when ``sarkit finetune TASK`` or ``sarkit eval TASK`` resolves its task.
+    Each head names its task, builds its data and model, and computes its metrics.
+    Collected from all plugins; same task name replaces.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Stages: one per subcommand, in pipeline order. firstresult: the first non-None wins.
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def sarkit_slice(scene: Path, options: Any, report: Any) -> Iterator[dict] | None:
+    """Cut one scene into resolution-consistent tiles and yield one record per tile.
+
+    Called once per input scene by ``sarkit slice``. ``options`` is a
+    ``sarkit.slice.SliceOptions``; ``report`` a ``sarkit.report.Report`` for counting skipped
+    tiles. Raise ``SarkitError`` for a scene that cannot be read (the CLI reports it and goes
+    on with the next scene). Return ``None`` to leave the scene to the next implementation
+    (e.g. a plugin for one file format).
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_georef(record: dict, options: Any) -> dict | None:
+    """Add ``geo`` (centre, WGS84 footprint, nearest place) to one tile record.
+
+    Called once per record by ``sarkit georef``. Return the record with ``geo`` added; raise
+    ``SarkitError`` for a tile that has no georeferencing (it is reported and skipped).
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_filter(records: Iterable[dict], options: Any, report: Any) -> Iterator[dict] | None:
+    """Screen tile records for quality; yield every record with ``quality`` added.
+
+    Called once per ``sarkit filter`` run with the whole record stream. The CLI drops
+    records whose ``quality.keep`` is false unless ``--mark`` is given.
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_caption(records: Iterable[dict], options: Any, report: Any) -> Iterator[dict] | None:
+    """Caption tile records with an LLM backend; yield each record with ``texts`` and ``caption``.
+
+    Called once per ``sarkit caption`` run with the whole record stream (parents must be
+    captioned before children, so the stage sees all records).
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_pretrain(records: list[dict], options: Any) -> Path | None:
+    """Pretrain a vision-language model on captioned records; return the run folder."""
+
+
+@hookspec(firstresult=True)
+def sarkit_scio(records: list[dict], options: Any) -> Path | None:
+    """Run self-consistent iterative optimisation; return the run folder (with refined records)."""
+
+
+@hookspec(firstresult=True)
+def sarkit_finetune(task: str, options: Any) -> Path | None:
+    """Fine-tune a pretrained model on a downstream task; return the run folder."""
+
+
+@hookspec(firstresult=True)
+def sarkit_eval(task: str, options: Any) -> dict | None:
+    """Evaluate a fine-tuned run on a task; return its metrics."""

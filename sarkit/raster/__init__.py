@@ -1,0 +1,1 @@
+"""Raster work: resolution-consistent windows, quantisation to uint8, tile writing, georeferencing."""

@@ -1,0 +1,55 @@
+import io
+import json
+
+import pytest
+
+from sarkit.errors import RecordError
+from sarkit.records import RecordWriter, read_records
+from sarkit.report import Report
+
+
+def test_reads_stdin_and_skips_blank_lines(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"id": "a"}\n\n{"id": "b", "x": 1}\n'))
+    got = [(it.source, it.line, it.record) for it in read_records(["-"])]
+    assert got == [("<stdin>", 1, {"id": "a"}), ("<stdin>", 3, {"id": "b", "x": 1})]
+
+
+def test_missing_key_names_line_and_key(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "path": "x"}\n{"id": "b"}\n')
+    with pytest.raises(RecordError, match=r"in\.jsonl:2 \(b\): record is missing key 'path'"):
+        list(read_records([str(path)], required=("id", "path")))
+
+
+def test_bad_lines_are_reported_and_good_ones_flow(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n[1, 2]\n{"id": "d"}\n')
+    report = Report("test")
+    ids = [it.record["id"] for it in read_records([str(path)], report)]
+    assert ids == ["a", "d"]
+    assert len(report.errors) == 2
+    assert report.errors[0].startswith(f"{path}:2: not valid JSON")
+    assert "expected a JSON object, got list" in report.errors[1]
+    assert report.failed
+
+
+def test_writer_to_file_is_atomic(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(RuntimeError), RecordWriter(out) as writer:
+        writer.write({"id": "a"})
+        raise RuntimeError("stage died half way")
+    assert out.read_text() == "precious\n"
+    assert list(tmp_path.iterdir()) == [out], "no temporary file left behind"
+    with RecordWriter(out) as writer:
+        writer.write({"id": "a", "t": "é"})
+    assert json.loads(out.read_text()) == {"id": "a", "t": "é"}
+
+
+def test_streaming_is_lazy(tmp_path):
+    """Records are yielded as lines arrive: constant memory in the stream length."""
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(f'{{"id": "r{i}"}}\n' for i in range(1000)))
+    stream = read_records([str(path)])
+    assert next(stream).record == {"id": "r0"}
+    stream.close()
