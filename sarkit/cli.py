@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 #: Subcommand modules (sarkit.commands.<name>); each defines `command` and optional `NAME`.
-COMMANDS = ("plugins",)
+COMMANDS = ("plugins", "slice", "georef")
 
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--debug": "debug"}
 

@@ -74,7 +74,8 @@ def parse_line(source: str, line_no: int, text: str) -> Record:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RecordError(source, line_no, f"not valid JSON ({exc.msg} at column {exc.colno})")
+        message = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        raise RecordError(source, line_no, message) from None
     if not isinstance(value, dict):
         raise RecordError(source, line_no, f"expected a JSON object, got {type(value).__name__}")
     return value

@@ -1,1 +1,1 @@
-"""Raster work: resolution-consistent windows, quantisation to uint8, tile writing, georeferencing."""
+"""Raster work: resolution-consistent windows, quantisation, tile writing, georeferencing."""

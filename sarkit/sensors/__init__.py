@@ -1,4 +1,4 @@
-"""Sensor (satellite) profiles: band, nominal resolution, and how to recognise a platform's files."""
+"""Sensor profiles: band, nominal resolution, and how to recognise a platform's files."""
 
 from __future__ import annotations
 

@@ -1,0 +1,106 @@
+"""`sarkit slice`: scenes -> resolution-consistent uint8 GeoTIFF tiles + one record per tile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from sarkit import plugins
+from sarkit.errors import SarkitError, UsageError
+from sarkit.records import RecordWriter
+from sarkit.report import Report
+
+
+def parse_sizes(text: str) -> list[float]:
+    try:
+        sizes = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--ground-size must be metres, e.g. 4000,1000,250: {text}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise UsageError(f"--ground-size must be positive metres, e.g. 4000,1000,250: {text}")
+    return sizes
+
+
+def command(
+    scenes: list[Path] = typer.Argument(..., help="Scene files (anything GDAL opens)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the tiles."),
+    ground_size: str = typer.Option(
+        "1000",
+        "--ground-size",
+        "-g",
+        help="Tile ground size in metres, or a list large to small (L,M,S), e.g. 4000,1000,250.",
+    ),
+    band: str = typer.Option("1", help="Band to tile: 1-based index or polarisation (VV, VH...)."),
+    sensor: str = typer.Option("auto", help="Sensor profile name; auto detects it."),
+    quantiser: str = typer.Option(
+        "auto", help="Quantiser name; auto: 'none' for uint8 scenes, else 'log-percentile'."
+    ),
+    radiometry: str = typer.Option(
+        "auto", help="Pixel values are amplitude, power or db; auto asks the sensor profile."
+    ),
+    nodata: str = typer.Option(
+        "auto", help="Nodata value; auto: the tag, else 0 (zero-filled borders); none: NaN only."
+    ),
+    edge: str = typer.Option("drop", help="Partial tiles at the scene edge: drop or keep."),
+    min_coverage: float = typer.Option(
+        0.5, help="With --edge keep: least fraction of a tile inside the scene."
+    ),
+    max_nodata: float = typer.Option(0.5, help="Skip tiles with more nodata than this fraction."),
+    workers: int = typer.Option(
+        min(4, os.cpu_count() or 1), help="Threads reading and writing tiles."
+    ),
+    compress: str = typer.Option("deflate", help="Tile compression: deflate, zstd, lzw, none."),
+    pixel_size: float = typer.Option(
+        None, help="Pixel size in metres for scenes without georeferencing."
+    ),
+    overwrite: bool = typer.Option(False, help="Rewrite tiles that already exist."),
+    records: str = typer.Option(None, "--records", help="Write records to FILE, not stdout."),
+) -> None:
+    """Cut scenes into tiles that cover the same ground whatever the pixel size (SRC)."""
+    from sarkit.raster.quantise import to_amplitude  # noqa: F401  (fail early if numpy broken)
+    from sarkit.raster.slicer import SliceOptions
+
+    if edge not in ("drop", "keep"):
+        raise UsageError("--edge must be drop or keep")
+    if radiometry not in ("auto", "amplitude", "power", "db"):
+        raise UsageError("--radiometry must be auto, amplitude, power or db")
+    options = SliceOptions(
+        out_dir=out_dir,
+        ground_sizes=parse_sizes(ground_size),
+        band=band,
+        sensor=sensor,
+        quantiser=quantiser,
+        radiometry=radiometry,
+        nodata=nodata,
+        keep_partial=edge == "keep",
+        min_coverage=min_coverage,
+        max_nodata=max_nodata,
+        workers=workers,
+        compress=compress,
+        overwrite=overwrite,
+        pixel_size=pixel_size,
+    )
+    if sensor != "auto":
+        from sarkit import sensors
+
+        sensors.get(sensor)  # an unknown name is a usage error listing the known ones
+    report = Report("slice")
+    hook = plugins.get_manager().hook
+    with RecordWriter(records) as writer:
+        for scene in scenes:
+            try:
+                tiles = hook.sarkit_slice(scene=scene, options=options, report=report)
+                if tiles is None:
+                    raise SarkitError(f"{scene}: no slice plugin accepted this scene")
+                for record in tiles:
+                    writer.write(record)
+            except UsageError:
+                raise
+            except SarkitError as exc:
+                report.error(str(exc))
+                report.skip("scene not sliced")
+    report.notes["scenes"] = len(scenes)
+    report.print_summary()
+    raise typer.Exit(1 if report.failed else 0)
