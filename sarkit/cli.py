@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
 import typer
 
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 
 #: Subcommand modules (sarkit.commands.<name>); each defines `command` and optional `NAME`.
-COMMANDS = ("plugins", "slice", "georef")
+COMMANDS = ("plugins", "demo", "slice", "georef")
 
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--debug": "debug"}
 
@@ -74,6 +75,8 @@ def run(argv: list[str] | None = None) -> int:
     argv, flags = _split_global_flags(argv)
     flags["debug"] = flags["debug"] or os.environ.get("SARKIT_DEBUG") == "1"
     log.configure(**flags)
+    # rasterio warns on every ungeoreferenced file; sarkit checks and reports that itself
+    warnings.filterwarnings("ignore", message="Dataset has no geotransform")
     try:
         if not app.registered_commands:
             _register()

@@ -34,9 +34,10 @@ def _scale(x: np.ndarray, lo: float, hi: float, valid: np.ndarray | None) -> np.
     span = max(hi - lo, 1e-12)
     out = (x - np.float32(lo)) * np.float32(254.0 / span)
     np.clip(out, 0.0, 254.0, out=out)
+    invalid = ~valid if valid is not None else ~np.isfinite(out)
+    out[invalid] = 0.0  # NaN cannot be cast; these pixels become nodata below
     out = out.astype(np.uint8) + np.uint8(1)  # 1..255; 0 stays for nodata
-    if valid is not None:
-        out[~valid] = NODATA_OUT
+    out[invalid] = NODATA_OUT
     return out
 
 

@@ -109,6 +109,17 @@ def open_scene(path: Path) -> Scene:
     return scene
 
 
+def gdal_message(exc: BaseException) -> str:
+    """The most specific first line GDAL gave: rasterio often wraps it as 'see previous'."""
+    message = ""
+    while exc is not None:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if text and "previous exception" not in text:
+            message = text
+        exc = exc.__cause__ or exc.__context__
+    return message or "unknown GDAL error"
+
+
 def resolve_band(scene: Scene, band: str, polarization_of) -> tuple[int, str | None]:
     """`--band` as a 1-based index or a polarisation name (VV, VH, HH, HV)."""
     if band.isdigit():

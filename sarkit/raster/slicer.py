@@ -28,7 +28,14 @@ from sarkit.atomic import atomic_path
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
 from sarkit.raster.quantise import NODATA_OUT, to_amplitude
-from sarkit.raster.scene import Scene, open_scene, resolve_band, sample_windows, valid_mask
+from sarkit.raster.scene import (
+    Scene,
+    gdal_message,
+    open_scene,
+    resolve_band,
+    sample_windows,
+    valid_mask,
+)
 from sarkit.raster.windows import TileSpec, plan, window_size
 from sarkit.report import Report
 
@@ -167,7 +174,7 @@ def slice_scene(scene_path: Path, options: SliceOptions, report: Report) -> Iter
         with rasterio.open(scene_path) as ds:
             params = fit_quantiser(ds, band, nodata, radiometry, quantiser)
     except rasterio.errors.RasterioIOError as exc:
-        raise SarkitError(f"{scene_path}: read failed ({str(exc).splitlines()[0]})") from None
+        raise SarkitError(f"{scene_path}: read failed ({gdal_message(exc)})") from None
 
     specs, partial = plan(
         scene.width, scene.height, sizes, options.keep_partial, options.min_coverage
@@ -231,8 +238,7 @@ def slice_scene(scene_path: Path, options: SliceOptions, report: Report) -> Iter
             )
             return TileResult(spec, path, "written", frac)
         except rasterio.errors.RasterioError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return TileResult(spec, path, "error", message=first)
+            return TileResult(spec, path, "error", message=gdal_message(exc))
 
     base = {
         "scene": str(scene_path),
@@ -298,7 +304,7 @@ def _parent_id(spec: TileSpec, specs: list[TileSpec], emitted: dict[int, str]) -
 
 
 def tile_transform(scene: Scene, spec: TileSpec) -> Affine:
-    return scene.transform * Affine.translation(spec.col_off, spec.row_off)
+    return scene.transform @ Affine.translation(spec.col_off, spec.row_off)
 
 
 def tile_record(tile_id, result, spec, specs, emitted, base, scene, pixel_m, options) -> dict:

@@ -1,0 +1,208 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import sarkit, shared
+from rasters import gcps_for, speckle, write
+
+from sarkit.raster.windows import plan
+
+
+def records(proc):
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+# ---------------------------------------------------------------- windows (pure)
+
+
+def test_nested_scales_parent_contains_child():
+    tiles, dropped = plan(1000, 1000, [(400, 400), (100, 100), (25, 25)])
+    assert dropped == 5  # a 3x3 grid of L cells: 4 whole, 5 reaching past the edge
+    by_index = dict(enumerate(tiles))
+    for spec in tiles:
+        if spec.parent is None:
+            assert spec.scale == "L"
+            continue
+        parent = by_index[spec.parent]
+        assert parent.level == spec.level - 1
+        assert parent.col_off <= spec.col_off
+        assert spec.col_off + spec.width <= parent.col_off + parent.width
+        assert parent.row_off <= spec.row_off
+        assert spec.row_off + spec.height <= parent.row_off + parent.height
+    assert [t.scale for t in tiles].count("M") == 4 * 16
+    assert [t.scale for t in tiles].count("S") == 4 * 16 * 16
+    # depth first: every parent comes before its children
+    assert all(t.parent is None or t.parent < i for i, t in enumerate(tiles))
+
+
+def test_partial_tiles_kept_above_coverage():
+    tiles, dropped = plan(10, 10, [(4, 4)], keep_partial=True, min_coverage=0.5)
+    assert all(t.coverage >= 0.5 for t in tiles)
+    assert len(tiles) == 8 and dropped == 1
+
+
+# ---------------------------------------------------------------- real scenes
+
+
+def test_umbra_rotated_scene_src_windows(tmp_path):
+    scene = shared("scenes", "umbra_yasur", "umbra_mount_yasur.tiff")
+    proc = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "500,250", check=0)
+    recs = records(proc)
+    with rasterio.open(scene) as ds:
+        t = ds.transform
+    pixel = math.hypot(t.a, t.d)  # rotated: the column vector's length, not t.a
+    assert pixel == pytest.approx(0.5942, abs=1e-3)
+    large = [r for r in recs if r["scale"] == "L"]
+    assert large and all(r["window"][2] == round(500 / pixel) for r in large)
+    assert all(r["sensor"] == "umbra" and r["band"] == "X" for r in recs)
+    assert all(r["crs"] == "EPSG:32759" for r in recs)
+    first = large[0]
+    with rasterio.open(first["path"]) as tile:
+        assert tile.dtypes[0] == "uint8" and tile.nodata == 0
+        assert tile.crs.to_string() == "EPSG:32759"
+        # rotation kept: the tile's transform is the scene's, moved to the window
+        expected = t @ rasterio.Affine.translation(*first["window"][:2])
+        assert tile.transform.almost_equals(expected)
+        assert tile.profile.get("compress", "").lower() == "deflate"
+        # 8-bit input passes through unchanged (dark speckle zeros become 1, not nodata)
+        c, r, w, h = first["window"]
+        original = rasterio.open(scene).read(1, window=((r, r + h), (c, c + w)))
+        assert np.array_equal(np.maximum(original, 1), tile.read(1))
+    # the scene's zeros are dark speckle, not a fill border: nothing is called nodata
+    assert max(r["nodata_frac"] for r in recs) < 0.01
+    for rec in recs:
+        if rec["scale"] == "M":
+            assert rec["parent"].split("/")[1] == "L"
+
+
+def test_opera_power_vv_vh(tmp_path):
+    folder = shared("scenes", "opera_rtc_s1", "2021-11-19")
+    scenes = sorted(folder.glob("*T137-292318-IW1*.tif"))
+    assert len(scenes) == 2
+    proc = sarkit("slice", *scenes, "-o", tmp_path / "t", "-g", "1500", check=0)
+    recs = records(proc)
+    assert {r["polarization"] for r in recs} == {"VV", "VH"}
+    assert all(r["sensor"] == "sentinel1" and r["radiometry"] == "power" for r in recs)
+    assert all(r["window"][2:] == [50, 50] and r["pixel_m"] == 30.0 for r in recs)
+    vv = [r for r in recs if r["polarization"] == "VV"]
+    assert len(vv) == 4
+    # one quantiser fit per scene: neighbouring tiles share it
+    assert len({json.dumps(r["quantiser"]) for r in vv}) == 1
+    with rasterio.open(vv[0]["path"]) as tile:
+        pixels = tile.read(1)
+    assert pixels.min() >= 1 and pixels.std() > 10, "power must be stretched, not crushed"
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+def test_int16_complex_and_bands(tmp_path):
+    rng = np.random.default_rng(1)
+    slc = (rng.normal(size=(2, 64, 64)) + 1j * rng.normal(size=(2, 64, 64))).astype(np.complex64)
+    cfile = write(tmp_path / "slc.tif", slc, descriptions=["HH", "HV"])
+    proc = sarkit("slice", cfile, "-o", tmp_path / "t", "-g", "128", "--band", "HV", check=0)
+    (rec,) = records(proc)
+    assert rec["polarization"] == "HV" and rec["band_index"] == 2
+    with rasterio.open(rec["path"]) as tile:
+        assert tile.dtypes[0] == "uint8" and tile.read(1).std() > 5
+    ifile = write(tmp_path / "i16.tif", (speckle((64, 64)) * 1000).astype(np.int16))
+    (rec,) = records(sarkit("slice", ifile, "-o", tmp_path / "t", "-g", "32,16", "-q", check=0))[:1]
+    assert rec["window"] == [0, 0, 16, 16] and rec["pixel_m"] == 2.0
+
+
+def test_gcp_only_scene(tmp_path):
+    scene = write(tmp_path / "gcp.tif", speckle((80, 100)), gcps=gcps_for(100, 80))
+    recs = records(sarkit("slice", scene, "-o", tmp_path / "t", "-g", "200", check=0))
+    assert recs and all(r["georef"] == "gcps" for r in recs)
+    with rasterio.open(recs[0]["path"]) as tile:
+        gcps, crs = tile.gcps
+        assert len(gcps) == 4 and crs.to_epsg() == 4326
+
+
+def test_all_nodata_scene_skips_every_tile(tmp_path):
+    scene = write(tmp_path / "empty.tif", np.full((40, 40), np.nan, np.float32), nodata=np.nan)
+    proc = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "40", check=0)
+    assert proc.stdout == ""
+    assert "mostly nodata" in proc.stderr
+
+
+def test_one_pixel_scene(tmp_path):
+    scene = write(tmp_path / "one.tif", np.array([[5.0]], np.float32))
+    (rec,) = records(sarkit("slice", scene, "-o", tmp_path / "t", "-g", "2", check=0))
+    assert rec["window"] == [0, 0, 1, 1]
+
+
+def test_no_crs_needs_pixel_size(tmp_path):
+    scene = write(tmp_path / "plain.tif", speckle((32, 32)), crs=None)
+    proc = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "16")
+    assert proc.returncode == 1 and "has no georeferencing" in proc.stderr
+    assert str(scene) in proc.stderr and "Traceback" not in proc.stderr
+    recs = records(
+        sarkit("slice", scene, "-o", tmp_path / "t", "-g", "16", "--pixel-size", "1", check=0)
+    )
+    assert len(recs) == 4 and recs[0]["crs"] is None and recs[0]["transform"] is None
+
+
+@pytest.mark.parametrize(
+    ("ground", "message"),
+    [("0.5", "smaller than a pixel"), ("1000", "but the scene is 32x32 px")],
+)
+def test_bad_ground_sizes(tmp_path, ground, message):
+    scene = write(tmp_path / "s.tif", speckle((32, 32)))
+    proc = sarkit("slice", scene, "-o", tmp_path / "t", "-g", ground)
+    assert proc.returncode == 1 and message in proc.stderr and str(scene) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()[0]) > 0 and "Traceback" not in proc.stderr
+
+
+def test_batch_goes_on_past_bad_scenes(tmp_path):
+    good = write(tmp_path / "good.tif", speckle((32, 32)))
+    text = tmp_path / "notes.tif"
+    text.write_text("this is not a raster\n")
+    truncated = tmp_path / "trunc.tif"
+    truncated.write_bytes(write(tmp_path / "big.tif", speckle((256, 256))).read_bytes()[:3000])
+    empty = tmp_path / "zero.tif"
+    empty.write_bytes(b"")
+    proc = sarkit("slice", text, truncated, empty, good, "-o", tmp_path / "t", "-g", "32")
+    assert proc.returncode == 1
+    assert {r["scene"] for r in records(proc)} == {str(good)}
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    for bad, line in zip((text, truncated, empty), errors, strict=True):
+        assert str(bad) in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_sensor_lists_known(tmp_path):
+    scene = write(tmp_path / "s.tif", speckle((32, 32)))
+    proc = sarkit("slice", scene, "-o", tmp_path / "t", "--sensor", "sputnik")
+    assert proc.returncode == 2
+    assert "unknown sensor 'sputnik'" in proc.stderr and "gaofen3" in proc.stderr
+
+
+def test_plugin_sensor_is_used(tmp_path):
+    scene = write(tmp_path / "ICEYE_X7_GRD_SLH_1_20210101T000000.tif", speckle((32, 32)))
+    (rec,) = records(sarkit("slice", scene, "-o", tmp_path / "t", "-g", "64", check=0))
+    assert rec["sensor"] == "iceye" and rec["band"] == "X"
+    other = write(tmp_path / "x.tif", speckle((32, 32)))
+    (rec,) = records(
+        sarkit("slice", other, "-o", tmp_path / "t", "-g", "64", "--sensor", "iceye", check=0)
+    )
+    assert rec["sensor"] == "iceye"
+
+
+def test_rerun_reuses_tiles_and_no_partial_files(tmp_path):
+    scene = write(tmp_path / "s.tif", speckle((64, 64)))
+    first = records(sarkit("slice", scene, "-o", tmp_path / "t", "-g", "64", check=0))
+    stamp = {r["path"]: os.stat(r["path"]).st_mtime_ns for r in first}
+    # a half-written temporary from a killed run never shadows a final name
+    leftover = tmp_path / "t" / "s" / "L" / ".r000_c000.tif.abc.part"
+    leftover.write_bytes(b"junk")
+    second = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "64", check=0)
+    assert records(second) == first
+    assert "reused (already written)" in second.stderr
+    assert all(os.stat(p).st_mtime_ns == m for p, m in stamp.items())
+    finals = sorted(p.name for p in (tmp_path / "t" / "s" / "L").glob("r*.tif"))
+    assert finals == ["r000_c000.tif", "r000_c001.tif", "r001_c000.tif", "r001_c001.tif"]
