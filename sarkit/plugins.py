@@ -30,6 +30,7 @@ BUILTINS = (
     "sarkit.sensors.builtin",
     "sarkit.raster.quantise",
     "sarkit.raster.plugin",
+    "sarkit.caption.plugin",
 )
 
 
