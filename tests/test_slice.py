@@ -66,7 +66,8 @@ def test_umbra_rotated_scene_src_windows(tmp_path):
         # rotation kept: the tile's transform is the scene's, moved to the window
         expected = t @ rasterio.Affine.translation(*first["window"][:2])
         assert tile.transform.almost_equals(expected)
-        assert tile.profile.get("compress", "").lower() == "deflate"
+        assert tile.profile.get("compress", "").lower() == "zstd"
+        assert tile.profile.get("tiled") and tile.block_shapes[0] == (256, 256)
         # 8-bit input passes through unchanged (dark speckle zeros become 1, not nodata)
         c, r, w, h = first["window"]
         original = rasterio.open(scene).read(1, window=((r, r + h), (c, c + w)))

@@ -30,15 +30,18 @@ def to_amplitude(values: np.ndarray, radiometry: str) -> np.ndarray:
     return values
 
 
-def _scale(x: np.ndarray, lo: float, hi: float, valid: np.ndarray | None) -> np.ndarray:
+def _scale(out: np.ndarray, lo: float, hi: float, valid: np.ndarray | None) -> np.ndarray:
+    """Map [lo, hi] to 1..255 and invalid pixels to 0, in place in the float32 `out`
+    (fresh large arrays cost page faults: the tile loop is memory-bound)."""
     span = max(hi - lo, 1e-12)
-    out = (x - np.float32(lo)) * np.float32(254.0 / span)
-    np.clip(out, 0.0, 254.0, out=out)
-    invalid = ~valid if valid is not None else ~np.isfinite(out)
-    out[invalid] = 0.0  # NaN cannot be cast; these pixels become nodata below
-    out = out.astype(np.uint8) + np.uint8(1)  # 1..255; 0 stays for nodata
-    out[invalid] = NODATA_OUT
-    return out
+    out -= np.float32(lo)
+    out *= np.float32(254.0 / span)
+    np.clip(out, 0.0, 254.0, out=out)  # NaN stays NaN here
+    out += np.float32(1.0)  # valid pixels 1..255
+    if valid is None:
+        valid = np.isfinite(out)
+    np.copyto(out, np.float32(NODATA_OUT), where=~valid)  # also removes NaN before the cast
+    return out.astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class LogPercentile:
 
     def apply(self, amplitude: np.ndarray, params: dict, valid: np.ndarray | None) -> np.ndarray:
         tiny = np.float32(np.exp(params["lo"]) * 1e-3 + 1e-30)
-        logs = np.log(np.maximum(amplitude, tiny))
+        logs = np.maximum(amplitude, tiny, dtype=np.float32)
+        np.log(logs, out=logs)
         return _scale(logs, params["lo"], params["hi"], valid)
 
 
@@ -93,7 +97,7 @@ class SigmaClip:
         return {"lo": lo, "hi": max(hi, lo + 1e-12)}
 
     def apply(self, amplitude: np.ndarray, params: dict, valid: np.ndarray | None) -> np.ndarray:
-        return _scale(amplitude, params["lo"], params["hi"], valid)
+        return _scale(amplitude.astype(np.float32), params["lo"], params["hi"], valid)
 
 
 @dataclass(frozen=True)

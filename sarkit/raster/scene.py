@@ -141,6 +141,19 @@ def resolve_band(scene: Scene, band: str, polarization_of) -> tuple[int, str | N
 ZERO_RUN = 5
 
 
+def zero_fill(zeros: np.ndarray) -> np.ndarray:
+    """Morphological opening of the zero mask by a ZERO_RUN square, as separable 1-D min/max
+    filters on uint8 (several times faster than a 2-D binary opening)."""
+    from scipy.ndimage import maximum_filter1d, minimum_filter1d
+
+    z = zeros.view(np.uint8)
+    for axis in (0, 1):
+        z = minimum_filter1d(z, ZERO_RUN, axis=axis, mode="nearest")
+    for axis in (0, 1):
+        z = maximum_filter1d(z, ZERO_RUN, axis=axis, mode="nearest")
+    return z.view(bool)
+
+
 def valid_mask(values: np.ndarray, nodata: float | None, zero_runs: bool = False) -> np.ndarray:
     """True where a pixel carries signal. NaN is never valid; `nodata` (may be 0) is not.
 
@@ -158,11 +171,9 @@ def valid_mask(values: np.ndarray, nodata: float | None, zero_runs: bool = False
     else:
         mask = np.ones(values.shape, dtype=bool)
     if zero_runs:
-        from scipy.ndimage import binary_opening
-
         zeros = values == 0
-        if zeros.any():
-            mask &= ~binary_opening(zeros, structure=np.ones((ZERO_RUN, ZERO_RUN), bool))
+        if np.count_nonzero(zeros) >= ZERO_RUN * ZERO_RUN:
+            mask &= ~zero_fill(zeros)
     elif nodata is not None and not math.isnan(nodata):
         mask &= values != nodata
     return mask

@@ -40,7 +40,7 @@ from sarkit.raster.windows import TileSpec, plan, window_size
 from sarkit.report import Report
 
 STATS_SAMPLE_PIXELS = 4_000_000
-COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
+COMPRESSIONS = ("zstd", "deflate", "lzw", "none")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SliceOptions:
     min_coverage: float = 0.5
     max_nodata: float = 0.5
     workers: int = 2
-    compress: str = "deflate"
+    compress: str = "zstd"
     overwrite: bool = False
     pixel_size: float | None = None
 

@@ -1,0 +1,163 @@
+"""Benchmark `sarkit slice` against gdal_retile.py and a plain sequential read of the file.
+
+    .venv/bin/python bench/slice.py [--size 20000] [--tile 1024] [--workdir /tmp/sarkit-bench]
+
+Synthesises a float32 speckle scene (20000 x 20000 = 1.6 GB by default, 256 x 256 blocks,
+1 m pixels in UTM), then times, in this one script and each from a cold page cache (posix_fadvise DONTNEED on the scene):
+  read      a plain sequential read of the file (the floor: bytes off the disk, no decoding)
+  sarkit    `sarkit slice -g TILE`: quantise to uint8 (scene-fitted log stretch), ZSTD tiles
+  retile    Debian's `gdal_retile.py -ot Byte` with the same tile size and compression
+            (a cast, no dynamic-range compression: less work than sarkit does)
+and prints MB/s, each method's ratio to the others, and peak RSS (from wait4's rusage).
+gdal_retile.py needs Debian's python3-gdal (`apt-get install python3-gdal`): it runs with
+/usr/bin/python3, not the venv. Targets: sarkit >= 1.5x retile, >= 0.5x read, RSS < 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_scene(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size >= size * size * 4:
+        return
+    rng = np.random.default_rng(0)
+    profile = dict(
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=1,
+        dtype="float32",
+        crs="EPSG:32651",
+        transform=Affine(1, 0, 350000, 0, -1, 3470000),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        BIGTIFF="YES",
+    )
+    tmp = path.with_suffix(".part.tif")
+    with rasterio.open(tmp, "w", **profile) as ds:
+        for row in range(0, size, 256):
+            h = min(256, size - row)
+            sigma = 0.05 + 0.5 * (np.arange(size, dtype=np.float32) % 997 < 100)
+            strip = np.sqrt(rng.standard_exponential((h, size), dtype=np.float32) * sigma)
+            ds.write(strip, 1, window=((row, row + h), (0, size)))
+    os.replace(tmp, path)
+
+
+def evict(path: Path) -> None:
+    """Drop the file from the page cache so every method starts from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=20000)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sarkit-bench"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    scene = args.workdir / f"scene_{args.size}.tif"
+    make_scene(scene, args.size)
+    mb = scene.stat().st_size / 1e6
+    out = args.workdir / "out"
+    sarkit = [
+        sys.executable,
+        "-m",
+        "sarkit",
+        "slice",
+        str(scene),
+        "-o",
+        str(out),
+        "-g",
+        str(args.tile),
+        "--quiet",
+        "--overwrite",
+    ]
+    retile_py = shutil.which("gdal_retile.py") or "/usr/bin/gdal_retile.py"
+    methods = {
+        "read": ["dd", f"if={scene}", "of=/dev/null", "bs=16M"],
+        "sarkit": sarkit,
+        "sarkit --compress deflate": sarkit + ["--compress", "deflate"],
+    }
+    if Path(retile_py).exists() and Path("/usr/bin/python3").exists():
+        methods["retile"] = [
+            "/usr/bin/python3",
+            retile_py,
+            "-q",
+            "-ps",
+            str(args.tile),
+            str(args.tile),
+            "-ot",
+            "Byte",
+            "-co",
+            "COMPRESS=ZSTD",
+            "-co",
+            "ZSTD_LEVEL=1",
+            "-co",
+            "TILED=YES",
+            "-targetDir",
+            str(out),
+            str(scene),
+        ]
+    else:
+        print("gdal_retile.py not found (apt-get install python3-gdal): skipping it")
+    results = {}
+    for name, cmd in methods.items():
+        best = None
+        for _ in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            evict(scene)
+            got = timed(cmd)
+            best = got if best is None or got[0] < best[0] else best
+        results[name] = best
+    shutil.rmtree(out, ignore_errors=True)
+    print(
+        f"\nscene {args.size}x{args.size} float32, {mb:.0f} MB, tiles {args.tile} px, "
+        f"{os.cpu_count()} CPUs, best of {args.repeat}, cold page cache\n"
+    )
+    header = f"{'method':<24}{'seconds':>9}{'MB/s':>9}{'peak RSS MiB':>14}"
+    others = list(results)
+    header += "".join(f"{'x ' + o:>14}" for o in others)
+    print(header)
+    for name, (sec, rss) in results.items():
+        row = f"{name:<24}{sec:>9.2f}{mb / sec:>9.0f}{rss:>14.0f}"
+        row += "".join(f"{results[o][0] / sec:>14.2f}" for o in others)
+        print(row)
+    print("\n'x M' = speed relative to method M (seconds of M / seconds of this row)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from sarkit.raster.quantise import LogPercentile, Passthrough, SigmaClip, to_amplitude
+from sarkit.raster.scene import valid_mask
+
+
+def speckle(n=200_000, seed=0):
+    return np.sqrt(np.random.default_rng(seed).exponential(0.1, n)).astype(np.float32)
+
+
+def test_radiometry_conversions():
+    amp = np.array([0.5, 2.0], np.float32)
+    assert np.allclose(to_amplitude(amp**2, "power"), amp)
+    assert np.allclose(to_amplitude(20 * np.log10(amp), "db"), amp, rtol=1e-5)
+    assert np.allclose(to_amplitude(np.array([3 + 4j], np.complex64), "amplitude"), [5.0])
+
+
+@pytest.mark.parametrize("quantiser", [LogPercentile(), SigmaClip()])
+def test_monotonic_full_range_and_nodata(quantiser):
+    sample = speckle()
+    params = quantiser.fit(sample)
+    values = np.sort(speckle(10_000, seed=1))
+    valid = np.ones_like(values, bool)
+    valid[:10] = False
+    out = quantiser.apply(values.copy(), params, valid)
+    assert out.dtype == np.uint8
+    assert (out[:10] == 0).all() and out[10:].min() >= 1
+    assert (np.diff(out[10:].astype(int)) >= 0).all(), "order of backscatter is kept"
+    assert out[10:].max() >= 250 and out[10:].min() <= 5, "the scene's range is used"
+
+
+def test_log_percentile_clips_at_scene_percentiles():
+    sample = speckle()
+    q = LogPercentile(low=1, high=99)
+    params = q.fit(sample)
+    out = q.apply(sample.copy(), params, np.ones(sample.shape, bool))
+    assert np.mean(out == 255) == pytest.approx(0.01, abs=0.003)
+    assert np.mean(out == 1) == pytest.approx(0.01, abs=0.003)
+
+
+def test_tiles_of_one_scene_agree():
+    """Parameters are fitted once per scene: the same value maps to the same byte anywhere."""
+    q = LogPercentile()
+    params = q.fit(speckle())
+    a = q.apply(np.array([0.3, 0.1], np.float32), params, None)
+    b = q.apply(np.array([0.1, 0.3], np.float32), params, None)
+    assert a[0] == b[1] and a[1] == b[0]
+
+
+def test_passthrough_keeps_bytes_and_reserves_zero():
+    values = np.array([0, 1, 7, 255], np.uint8)
+    valid = np.array([True, True, True, False])
+    assert Passthrough().apply(values, {}, valid).tolist() == [1, 1, 7, 0]
+
+
+def test_zero_runs_are_nodata_but_speckle_zeros_are_not():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 4, (64, 64)).astype(np.uint8)  # dark 8-bit speckle: 1 in 4 is 0
+    img[:, :20] = 0  # a fill border
+    valid = valid_mask(img, 0.0, zero_runs=True)
+    assert not valid[:, :20].any()
+    inner_zeros = img[:, 25:] == 0
+    assert inner_zeros.sum() > 100 and valid[:, 25:][inner_zeros].all()
