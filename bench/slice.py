@@ -3,7 +3,8 @@
     .venv/bin/python bench/slice.py [--size 20000] [--tile 1024] [--workdir /tmp/sarkit-bench]
 
 Synthesises a float32 speckle scene (20000 x 20000 = 1.6 GB by default, 256 x 256 blocks,
-1 m pixels in UTM), then times, in this one script and each from a cold page cache (posix_fadvise DONTNEED on the scene):
+1 m pixels in UTM), then times, in this one script and each from a cold page cache
+(posix_fadvise DONTNEED on the scene):
   read      a plain sequential read of the file (the floor: bytes off the disk, no decoding)
   sarkit    `sarkit slice -g TILE`: quantise to uint8 (scene-fitted log stretch), ZSTD tiles
   retile    Debian's `gdal_retile.py -ot Byte` with the same tile size and compression
