@@ -139,197 +139,196 @@ def fit_quantiser(ds, band: int, nodata: NodataRule, radiometry: str, quantiser)
     return quantiser.fit(sample)
 
 
-class _Handles(threading.local):
-    ds: Any = None
+class _ThreadDatasets(threading.local):
+    """One open dataset per worker thread (a GDAL handle must not be shared by threads)."""
+
+    def __init__(self, path: Path, opened: list, lock: threading.Lock):
+        self.path, self.opened, self.lock, self.ds = path, opened, lock, None
+
+    def get(self):
+        if self.ds is None:
+            self.ds = rasterio.open(self.path)
+            with self.lock:
+                self.opened.append(self.ds)
+        return self.ds
 
 
 def slice_scene(scene_path: Path, options: SliceOptions, report: Report) -> Iterator[dict]:
-    scene_path = Path(scene_path)
-    scene = open_scene(scene_path)
-    profile = (
-        sensors.get(options.sensor)
-        if options.sensor != "auto"
-        else sensors.detect(scene_path, scene.tags)
-    )
-    band, polarization = resolve_band(scene, options.band, sensors.polarization_of)
-    pixel_m = scene.pixel_m
-    if pixel_m is None:
-        if not options.pixel_size:
-            raise SarkitError(
-                f"{scene_path}: has no georeferencing (no CRS or GCPs); pass --pixel-size "
-                "METRES to slice it without coordinates"
-            )
-        pixel_m = (options.pixel_size, options.pixel_size)
-    sizes = tile_sizes(scene, options, pixel_m)
-    nodata = parse_nodata(options.nodata, scene)
-    radiometry = scene_radiometry(options, scene, profile)
-    qname = options.quantiser
-    if qname == "auto":
-        qname = "none" if scene.dtype == "uint8" else "log-percentile"
-    quantiser = lookup("sarkit_quantisers", qname, "quantiser")
-    if options.compress not in COMPRESSIONS:
-        raise UsageError(f"--compress must be one of {', '.join(COMPRESSIONS)}")
+    """Validate the scene and its options at once (errors name the file), then stream tiles."""
+    job = SceneJob(Path(scene_path), options, report)
+    return job.run()
 
-    try:
-        with rasterio.open(scene_path) as ds:
-            params = fit_quantiser(ds, band, nodata, radiometry, quantiser)
-    except rasterio.errors.RasterioIOError as exc:
-        raise SarkitError(f"{scene_path}: read failed ({gdal_message(exc)})") from None
 
-    specs, partial = plan(
-        scene.width, scene.height, sizes, options.keep_partial, options.min_coverage
-    )
-    if partial:
-        report.skip("partial edge tile", partial)
-    stem = scene_path.stem
-    tile_root = Path(options.out_dir) / stem
-    handles = _Handles()
-    opened: list = []
-    lock = threading.Lock()
+class SceneJob:
+    """Everything fixed for one scene: sensor, band, sizes, nodata rule, quantiser and fit."""
 
-    def dataset():
-        if handles.ds is None:
-            handles.ds = rasterio.open(scene_path)
-            with lock:
-                opened.append(handles.ds)
-        return handles.ds
-
-    def tile_path(spec: TileSpec) -> Path:
-        return tile_root / spec.scale / f"r{spec.row:03d}_c{spec.col:03d}.tif"
-
-    def work(spec: TileSpec) -> TileResult:
-        path = tile_path(spec)
+    def __init__(self, path: Path, options: SliceOptions, report: Report):
+        self.path, self.options, self.report = path, options, report
+        self.scene = scene = open_scene(path)
+        self.profile = (
+            sensors.get(options.sensor)
+            if options.sensor != "auto"
+            else sensors.detect(path, scene.tags)
+        )
+        self.band, self.polarization = resolve_band(scene, options.band, sensors.polarization_of)
+        pixel_m = scene.pixel_m
+        if pixel_m is None:
+            if not options.pixel_size:
+                raise SarkitError(
+                    f"{path}: has no georeferencing (no CRS or GCPs); pass --pixel-size "
+                    "METRES to slice it without coordinates"
+                )
+            pixel_m = (options.pixel_size, options.pixel_size)
+        self.pixel_m = pixel_m
+        self.sizes = tile_sizes(scene, options, pixel_m)
+        self.nodata = parse_nodata(options.nodata, scene)
+        self.radiometry = scene_radiometry(options, scene, self.profile)
+        qname = options.quantiser
+        if qname == "auto":
+            qname = "none" if scene.dtype == "uint8" else "log-percentile"
+        self.quantiser = lookup("sarkit_quantisers", qname, "quantiser")
+        if options.compress not in COMPRESSIONS:
+            raise UsageError(f"--compress must be one of {', '.join(COMPRESSIONS)}")
         try:
-            if path.exists() and not options.overwrite:
+            with rasterio.open(path) as ds:
+                self.params = fit_quantiser(
+                    ds, self.band, self.nodata, self.radiometry, self.quantiser
+                )
+        except rasterio.errors.RasterioIOError as exc:
+            raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
+        self.specs, partial = plan(
+            scene.width, scene.height, self.sizes, options.keep_partial, options.min_coverage
+        )
+        if partial:
+            report.skip("partial edge tile", partial)
+        self.emitted: dict[int, str] = {}
+        self.tags = {
+            "SARKIT_SCENE": str(path),
+            "SARKIT_SENSOR": self.profile.name,
+            "POLARIZATION": self.polarization or "",
+            "SARKIT_QUANTISER": self.quantiser.name,
+        }
+
+    def tile_id(self, spec: TileSpec) -> str:
+        return f"{self.path.stem}/{spec.scale}/r{spec.row:03d}_c{spec.col:03d}"
+
+    def tile_path(self, spec: TileSpec) -> Path:
+        return Path(self.options.out_dir) / f"{self.tile_id(spec)}.tif"
+
+    def read(self, ds, spec: TileSpec) -> tuple[np.ndarray, np.ndarray]:
+        """The window's pixels and validity; a kept partial tile is padded with nodata."""
+        c0, r0, iw, ih = spec.inside(self.scene.width, self.scene.height)
+        values = ds.read(self.band, window=Window(c0, r0, iw, ih))
+        valid = self.nodata.mask(values)
+        if (iw, ih) == (spec.width, spec.height):
+            return values, valid
+        full = np.zeros((spec.height, spec.width), dtype=values.dtype)
+        full_valid = np.zeros((spec.height, spec.width), dtype=bool)
+        inner = np.s_[
+            r0 - spec.row_off : r0 - spec.row_off + ih, c0 - spec.col_off : c0 - spec.col_off + iw
+        ]
+        full[inner], full_valid[inner] = values, valid
+        return full, full_valid
+
+    def work(self, spec: TileSpec, datasets: _ThreadDatasets) -> TileResult:
+        """Runs in a worker thread: read, screen, quantise, write one tile."""
+        path = self.tile_path(spec)
+        try:
+            if path.exists() and not self.options.overwrite:
                 with rasterio.open(path) as existing:
                     frac = float(np.mean(existing.read(1) == NODATA_OUT))
                 return TileResult(spec, path, "exists", frac)
-            c0, r0, iw, ih = spec.inside(scene.width, scene.height)
-            values = dataset().read(band, window=Window(c0, r0, iw, ih))
-            valid = nodata.mask(values)
-            if (iw, ih) != (spec.width, spec.height):  # a kept partial tile: pad with nodata
-                full = np.zeros((spec.height, spec.width), dtype=values.dtype)
-                full_valid = np.zeros((spec.height, spec.width), dtype=bool)
-                full[
-                    r0 - spec.row_off : r0 - spec.row_off + ih,
-                    c0 - spec.col_off : c0 - spec.col_off + iw,
-                ] = values
-                full_valid[
-                    r0 - spec.row_off : r0 - spec.row_off + ih,
-                    c0 - spec.col_off : c0 - spec.col_off + iw,
-                ] = valid
-                values, valid = full, full_valid
+            values, valid = self.read(datasets.get(), spec)
             frac = 1.0 - float(np.count_nonzero(valid)) / valid.size
-            if frac > options.max_nodata:
+            if frac > self.options.max_nodata:
                 return TileResult(spec, path, "nodata", frac)
-            pixels = quantiser.apply(to_amplitude(values, radiometry), params, valid)
-            write_tile(
-                path,
-                pixels,
-                scene,
-                spec,
-                options.compress,
-                tags={
-                    "SARKIT_SCENE": str(scene_path),
-                    "SARKIT_SENSOR": profile.name,
-                    "POLARIZATION": polarization or "",
-                    "SARKIT_QUANTISER": quantiser.name,
-                },
-            )
+            amplitude = to_amplitude(values, self.radiometry)
+            pixels = self.quantiser.apply(amplitude, self.params, valid)
+            write_tile(path, pixels, self.scene, spec, self.options.compress, self.tags)
             return TileResult(spec, path, "written", frac)
         except rasterio.errors.RasterioError as exc:
             return TileResult(spec, path, "error", message=gdal_message(exc))
 
-    base = {
-        "scene": str(scene_path),
-        "sensor": profile.name,
-        "platform": profile.platform,
-        "band": profile.band,
-        "polarization": polarization,
-        "band_index": band,
-        "radiometry": radiometry,
-        "quantiser": {"name": quantiser.name, **params},
-    }
-    emitted: dict[int, str] = {}
-    max_in_flight = max(2 * options.workers, 2)
-    try:
-        with ThreadPoolExecutor(max_workers=max(options.workers, 1)) as pool:
-            pending: collections.deque[tuple[int, Future]] = collections.deque()
-            index_iter = iter(range(len(specs)))
-            for index in index_iter:
-                pending.append((index, pool.submit(work, specs[index])))
-                if len(pending) < max_in_flight:
-                    continue
-                yield from _drain(
-                    pending, 1, specs, emitted, base, scene, pixel_m, options, stem, report
-                )
-            yield from _drain(
-                pending, len(pending), specs, emitted, base, scene, pixel_m, options, stem, report
-            )
-    finally:
-        for ds in opened:
-            ds.close()
+    def run(self) -> Iterator[dict]:
+        """Tiles in plan order (parents first), at most 2 x workers in flight (bounded memory)."""
+        opened: list = []
+        datasets = _ThreadDatasets(self.path, opened, threading.Lock())
+        workers = max(self.options.workers, 1)
+        pending: collections.deque[tuple[int, Future]] = collections.deque()
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for index, spec in enumerate(self.specs):
+                    pending.append((index, pool.submit(self.work, spec, datasets)))
+                    if len(pending) >= 2 * workers:
+                        yield from self.finish(*pending.popleft())
+                while pending:
+                    yield from self.finish(*pending.popleft())
+        finally:
+            for ds in opened:
+                ds.close()
 
-
-def _drain(pending, n, specs, emitted, base, scene, pixel_m, options, stem, report):
-    for _ in range(n):
-        index, future = pending.popleft()
+    def finish(self, index: int, future: Future) -> Iterator[dict]:
         result: TileResult = future.result()
         spec = result.spec
         if result.status == "nodata":
-            report.skip("mostly nodata")
-            continue
+            self.report.skip("mostly nodata")
+            return
         if result.status == "error":
-            report.error(f"{scene.path}: tile window {spec.window}: read failed ({result.message})")
-            continue
-        if result.status == "exists":
-            report.notes["reused (already written)"] = (
-                int(report.notes.get("reused (already written)", 0)) + 1
+            self.report.error(
+                f"{self.path}: tile window {spec.window}: read failed ({result.message})"
             )
+            return
+        if result.status == "exists":
+            notes = self.report.notes
+            notes["reused (already written)"] = int(notes.get("reused (already written)", 0)) + 1
         else:
-            report.ok()
-        tile_id = f"{stem}/{spec.scale}/r{spec.row:03d}_c{spec.col:03d}"
-        emitted[index] = tile_id
-        yield tile_record(tile_id, result, spec, specs, emitted, base, scene, pixel_m, options)
+            self.report.ok()
+        self.emitted[index] = self.tile_id(spec)
+        yield self.record(result)
 
+    def parent_id(self, spec: TileSpec) -> str | None:
+        """The nearest larger tile that was emitted (a skipped parent passes its role up)."""
+        parent = spec.parent
+        while parent is not None:
+            if parent in self.emitted:
+                return self.emitted[parent]
+            parent = self.specs[parent].parent
+        return None
 
-def _parent_id(spec: TileSpec, specs: list[TileSpec], emitted: dict[int, str]) -> str | None:
-    """The nearest larger tile that was emitted (a skipped parent passes its role up)."""
-    parent = spec.parent
-    while parent is not None:
-        if parent in emitted:
-            return emitted[parent]
-        parent = specs[parent].parent
-    return None
+    def record(self, result: TileResult) -> dict:
+        spec, scene = result.spec, self.scene
+        px, py = self.pixel_m
+        record = {
+            "id": self.tile_id(spec),
+            "path": str(result.path),
+            "scene": str(self.path),
+            "scale": spec.scale,
+            "parent": self.parent_id(spec),
+            "window": spec.window,
+            "grid": [spec.row, spec.col],
+            "pixel_m": round((px + py) / 2, 6),
+            "ground_m": self.options.ground_sizes[spec.level],
+            "crs": scene.crs,
+            "transform": list(tile_transform(scene, spec))[:6] if scene.crs else None,
+            "sensor": self.profile.name,
+            "platform": self.profile.platform,
+            "band": self.profile.band,
+            "polarization": self.polarization,
+            "band_index": self.band,
+            "radiometry": self.radiometry,
+            "quantiser": {"name": self.quantiser.name, **self.params},
+            "nodata_frac": round(result.nodata_frac, 6),
+            "coverage": round(spec.coverage, 6),
+        }
+        if abs(px - py) > 0.01 * max(px, py):
+            record["pixel_m_xy"] = [round(px, 6), round(py, 6)]
+        if scene.gcps:
+            record["georef"] = "gcps"
+        return record
 
 
 def tile_transform(scene: Scene, spec: TileSpec) -> Affine:
     return scene.transform @ Affine.translation(spec.col_off, spec.row_off)
-
-
-def tile_record(tile_id, result, spec, specs, emitted, base, scene, pixel_m, options) -> dict:
-    px, py = pixel_m
-    record = {
-        "id": tile_id,
-        "path": str(result.path),
-        **{k: base[k] for k in ("scene",)},
-        "scale": spec.scale,
-        "parent": _parent_id(spec, specs, emitted),
-        "window": spec.window,
-        "grid": [spec.row, spec.col],
-        "pixel_m": round((px + py) / 2, 6),
-        "ground_m": options.ground_sizes[spec.level],
-        "crs": scene.crs,
-        "transform": list(tile_transform(scene, spec))[:6] if scene.crs else None,
-        **{k: v for k, v in base.items() if k != "scene"},
-        "nodata_frac": round(result.nodata_frac, 6),
-        "coverage": round(spec.coverage, 6),
-    }
-    if abs(px - py) > 0.01 * max(px, py):
-        record["pixel_m_xy"] = [round(px, 6), round(py, 6)]
-    if scene.gcps:
-        record["georef"] = "gcps"
-    return record
 
 
 def write_tile(
