@@ -62,7 +62,7 @@ def choose_task(record: dict, path: str, wanted: str) -> tuple[str, str]:
             "marine",
             f"water covers {100 * stats.water_frac:.0f}%, {vessels} vessel-like targets",
         )
-    if stats.ground_m <= 500 and land >= 3 and stats.built_frac < 0.2:
+    if stats.ground_m <= 500 and land >= 3 and stats.built_frac < 0.2 and stats.relief < 0.3:
         return "ground", f"{land} discrete targets on land in {stats.ground_m:.0f} m"
     return "terrain", (
         f"water {100 * stats.water_frac:.0f}%, built-up "
@@ -148,7 +148,16 @@ class Captioner:
         except SarkitError:
             raise
         except Exception as exc:  # an unreadable tile fails alone
-            return Outcome("failed", reason=f"cannot read tile {job.path}: {exc}")
+            reason = f"cannot read tile {job.path}: {exc}"
+            caption = {"backend": self.model.backend, "model": self.model.sent_id, "failed": reason}
+            if job.parent_note:
+                caption["context_note"] = f"captioned without context: {job.parent_note}"
+            return Outcome(
+                "failed",
+                dict(job.record, caption=caption),
+                reason=reason,
+                stage=scale_stage(job.record, job.parent_stage),
+            )
         key = entry_key(rid, self.model.backend, self.model.sent_id, prompt.sha256)
         if self.journal is not None and (entry := self.journal.get(key)):
             out = dict(job.record, texts=entry["texts"], caption=entry["caption"])
@@ -229,8 +238,10 @@ class Captioner:
         if answers and "layers" in answers[-1].extra:
             caption["layers"] = answers[-1].extra["layers"]
         status = "done"
-        texts: dict[str, str] | None = {n: fields[n] for n in task.field_names}
-        if trouble is not None:
+        texts: dict[str, str] | None = None
+        if trouble is None:
+            texts = {n: fields[n] for n in task.field_names}
+        else:
             status = "failed"
             if answers:
                 trouble = f"answer unusable after one repair request: {trouble}"
@@ -471,6 +482,11 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                     except (BackendFatal, SarkitError) as exc:
                         fatal = exc
                         outcome = Outcome("interrupted")
+                    except Exception as exc:  # a bug on one tile: report it, keep the rest
+                        reason = f"internal error: {type(exc).__name__}: {exc}"
+                        outcome = Outcome(
+                            "failed", dict(job.record, caption={"failed": reason}), reason=reason
+                        )
                     finish(job, outcome)
                     advance(1)
                     if cap.budget.exhausted or fatal is not None:

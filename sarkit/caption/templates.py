@@ -172,7 +172,8 @@ def answer_template(task: TaskSpec) -> str:
 
 def _fmt(x: object, digits: int = 2) -> str:
     try:
-        return f"{float(x):.{digits}f}".rstrip("0").rstrip(".")
+        text = f"{float(x):.{digits}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
     except (TypeError, ValueError):
         return "unknown"
 

@@ -133,6 +133,7 @@ class Reading:
         self.land_targets = s.land_targets
         self.grid = self._grid()
         self.terrain, self.terrain_conf = self._terrain()
+        self.hilly = self.terrain.startswith("hilly")
         self.layers = self._layers()
 
     # -- layer 1 and 2: geography and social priors -----------------------------------
@@ -207,6 +208,21 @@ class Reading:
         return 70 <= d <= 110
 
     def _terrain(self) -> tuple[str, str]:
+        local, conf = self._local_terrain()
+        # HCoT-MIS: a finer tile is read against its parent's reading; a hilly parent keeps a
+        # child hilly unless the child itself clearly shows water or dense built-up land
+        parent_terrain = ((self.parent or {}).get("texts") or {}).get("Terrain", "")
+        if "hilly or mountainous" in parent_terrain and not local.startswith(
+            ("hilly", "open water", "coastal", "land-water", "flat urbanised")
+        ):
+            scale = (self.parent or {}).get("scale") or "larger"
+            return (
+                f"hilly or mountainous area (as read at the {scale} scale); locally {local}",
+                "low" if conf == "low" else "medium",
+            )
+        return local, conf
+
+    def _local_terrain(self) -> tuple[str, str]:
         s = self.s
         if s.water_frac >= 0.85:
             conf = "high" if s.dark_flatness < 0.12 else "medium"
@@ -278,7 +294,7 @@ class Reading:
         if s.built_frac >= 0.2:
             kind = "planned, grid-like urban district" if self.grid else "urban built-up area"
             return f"{kind} of mixed or undetermined use {sure('medium')}"
-        if self.terrain.startswith("hilly") and s.built_frac < 0.05:
+        if self.hilly and s.built_frac < 0.05:
             return f"natural terrain with no clear human function {sure('medium')}"
         if s.built_frac >= 0.05:
             return f"rural land with scattered settlement {sure('low')}"
@@ -320,7 +336,7 @@ class Reading:
             text = "irregular layout with one or two straight corridors"
         elif s.water_frac >= 0.85:
             text = "open, unstructured water surface"
-        elif self.terrain.startswith("hilly"):
+        elif self.hilly:
             text = "irregular, organic, terrain-following layout"
         else:
             text = "irregular, diffuse layout without a dominant pattern"
@@ -355,7 +371,7 @@ class Reading:
         s = self.s
         if s.water_frac >= 0.85 and s.built_frac < 0.03:
             return f"none: the tile is open water {sure('high')}"
-        if self.terrain.startswith("hilly") and s.built_blocks:
+        if self.hilly and s.built_blocks:
             return (
                 f"unlikely: the {s.built_blocks} bright textured patches "
                 f"({pct(s.built_frac)}, in {position(s.built_row, s.built_col)}) sit in "

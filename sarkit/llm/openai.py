@@ -188,7 +188,8 @@ class OpenAIClient:
         ).rstrip("/")
         self.model_id = getattr(options, "model_id", None) or model.sent_id
         self._key = api_key(getattr(options, "keys_file", None))
-        if self._key is None and model.needs_key and self.base_url == OPENAI_URL:
+        dry = bool(getattr(options, "dry_run", False))
+        if self._key is None and model.needs_key and self.base_url == OPENAI_URL and not dry:
             raise BackendFatal(
                 f"--llm {model.name} needs an API key: set OPENAI_API_KEY or SARKIT_API_KEY, "
                 f'or write {{"openai": "KEY"}} to {DEFAULT_KEYS_FILE} (or --keys-file)'
@@ -288,9 +289,8 @@ class OpenAIClient:
             after = getattr(exc, "retry_after", None)
             if after is not None:
                 return min(after, MAX_RETRY_AFTER_S) + 0.1 * _jitter()
-            return backoff(state)
-
-        backoff = tenacity.wait_exponential_jitter(initial=0.5, max=20.0, jitter=0.5)
+            # exponential backoff with full jitter on top: 0.5, 1, 2, 4 ... s (at most 20)
+            return min(20.0, 0.5 * 2 ** (state.attempt_number - 1)) + 0.5 * _jitter()
 
         def note(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
