@@ -56,8 +56,11 @@ def sarkit_quantisers() -> list[Any]:
 def sarkit_quality_filters() -> list[Any]:
     """Contribute tile quality filters for ``sarkit filter``.
 
-    Called once per ``filter`` run. Each filter scores or rejects a tile record (with its
-    pixels) and names its reason. Collected from all plugins.
+    Called once per ``filter`` run. Return ``sarkit.quality.rules.QualityFilter`` objects
+    (picklable: they run in worker processes): ``measure(tile)`` adds features from the
+    pixels, ``verdict(quality, options)`` says fail / pass / unsure; ``name`` is the drop
+    reason and the ``--disable`` name. Collected from all plugins, built-ins first; the
+    first failing filter gives a tile its reason; same name replaces.
     """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -69,7 +70,7 @@ def command(
         seed_labels=seed_labels,
         jobs=jobs,
     )
-    report = Report("filter")
+    report = Report("filter")  # done = kept; dropped per reason
     sheet = None
     if report_png is not None:
         from sarkit.quality.report import ContactSheet
@@ -81,18 +82,22 @@ def command(
         out = plugins.get_manager().hook.sarkit_filter(records=records, options=options, report=rep)
         if out is None:
             raise SarkitError("no plugin implements the filter stage")
+        dropped: Counter = Counter()
         for record in out:
             quality = record.get("quality") or {}
             if quality.get("keep", True):
                 rep.ok()
             else:
-                rep.skip(str(quality.get("reason")))
+                dropped[str(quality.get("reason"))] += 1
             if sheet is not None:
                 sheet.add(record)
             if mark or quality.get("keep", True):
                 yield record
-        if mark:
-            rep.notes["written (--mark)"] = rep.done + sum(rep.skipped.values())
+        for reason, n in sorted(dropped.items()):
+            if mark:  # written with keep=false: not skipped, but the count still matters
+                rep.notes[f"marked drop: {reason}"] = n
+            else:
+                rep.skip(reason, n)
         if sheet is not None:
             sheet.save(report_png)
             rep.notes["contact sheet"] = str(report_png)

@@ -100,26 +100,26 @@ class ContactSheet:
         write_bytes(path, buf.getvalue())
 
 
-def _short(rid: str, limit: int = 18) -> str:
+def _short(rid: str, limit: int = 13) -> str:
     return rid if len(rid) <= limit else "…" + rid[-(limit - 1) :]
 
 
 def _thumbnail(path: str | None):
     from PIL import Image, ImageDraw
 
-    from sarkit.quality.features import TileReadError, read_pixels
+    from sarkit.quality.features import TileReadError, load_tile
 
     try:
-        pixels = read_pixels(path or "")
+        tile = load_tile(path or "")
     except TileReadError:
         im = Image.new("RGB", (THUMB, THUMB), (60, 60, 60))
         ImageDraw.Draw(im).text((THUMB // 2 - 3, THUMB // 2 - 6), "?", fill=(230, 230, 230))
         return im
+    pixels = tile.pixels
     step = max(1, min(pixels.shape) // (2 * THUMB))
     small = pixels[::step, ::step]  # cheap pre-decimation, then a proper resize
     grey = Image.fromarray(small).convert("RGB").resize((THUMB, THUMB), Image.BILINEAR)
-    mask = Image.fromarray(((small == 0) * 255).astype(np.uint8)).resize(
-        (THUMB, THUMB), Image.NEAREST
-    )
-    grey.paste(Image.new("RGB", (THUMB, THUMB), NODATA_RGB), (0, 0), mask)
+    # paint the nodata *region* the rule measured, not every dark pixel
+    region = Image.fromarray((tile.nodata * 255).astype(np.uint8))
+    grey.paste(Image.new("RGB", grey.size, NODATA_RGB), (0, 0), region.resize(grey.size))
     return grey

@@ -3,7 +3,8 @@
 Two passes keep memory flat in the number of records: pass 1 measures every tile (in
 worker processes) and spills each record, its features added, to a temporary JSON Lines
 file, keeping only the kNN feature matrix and a verdict code per tile in memory; pass 2
-streams the spill back with score, keep and reason added.
+streams the spill back with score, keep and reason added. The matrix is a flat array of
+doubles: 100 000 tiles x 26 features is 21 MB.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from array import array
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +67,9 @@ def resolve_path(record: dict) -> str:
 class _Pass1:
     """What pass 1 keeps in memory: one row and one verdict per good tile."""
 
-    rows: list[list[float]] = field(default_factory=list)
+    values: array = field(default_factory=lambda: array("d"))  # rows x width, flat
+    width: int = 0
+    n: int = 0
     fail_reason: list[str | None] = field(default_factory=list)
     fail_seed: list[bool] = field(default_factory=list)  # the failing filter's drop_seeds
     clear_pass: list[bool] = field(default_factory=list)
@@ -138,7 +142,9 @@ def screen(
     with tempfile.TemporaryDirectory(prefix="sarkit-filter-") as tmp:
         spill_path = os.path.join(tmp, "records.jsonl")
         with open(spill_path, "w", encoding="utf-8") as spill:
-            for rec, status, value in _measured(records, active, options):
+            for rec, status, value in log.track(
+                _measured(records, active, options), "filter: measuring tiles"
+            ):
                 rid = rec.get("id")
                 if status != "ok":
                     report.error(f"{rid}: {value}")
@@ -155,8 +161,11 @@ def screen(
                         reason, seed = flt.name, bool(getattr(flt, "drop_seeds", True))
                         break
                     clear = clear and verdict == PASS
-                row = len(state.rows)
-                state.rows.append(feature_vector(quality, extra))
+                row = state.n
+                vector = feature_vector(quality, extra)
+                state.width = len(vector)
+                state.values.extend(vector)
+                state.n += 1
                 state.fail_reason.append(reason)
                 state.fail_seed.append(seed)
                 state.clear_pass.append(clear)
@@ -182,7 +191,7 @@ def _decide(
     report: Any,
     knn_scores: Any,
 ) -> list[tuple[float, bool, str | None]]:
-    n = len(state.rows)
+    n = state.n
     if labels is not None:
         unknown = sorted(set(labels) - set(state.seed_rows))
         if unknown:
@@ -210,7 +219,7 @@ def _decide(
     origin = "hand labels + rule failures" if labels else "bootstrapped from the rules"
     report.notes["kNN seeds"] = f"{n_keep} keep / {n_drop} drop ({origin})"
     if use_knn and n_keep and n_drop:
-        matrix = np.asarray(state.rows, dtype=np.float64)
+        matrix = np.frombuffer(state.values, dtype=np.float64).reshape(n, state.width)
         seeds = np.flatnonzero(is_seed)
         scores = knn_scores(matrix, seeds, seed_keep[seeds], options.k, fit_rows=~failed)
     else:
