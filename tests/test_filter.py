@@ -317,3 +317,15 @@ def test_parallel_equals_serial_and_contact_sheet_groups(labelled):
     assert set(sheet.samples) == groups
     assert all(len(v) <= 2 for v in sheet.samples.values())
     assert sum(sheet.counts.values()) == len(one)
+
+
+def test_one_ship_on_open_sea_is_content_the_empty_sea_is_not(tmp_path):
+    """Bright scatterers count in cells, not as a tile fraction: one ship keeps a tile."""
+    rng = np.random.default_rng(3)
+    sea = _log_quantised_speckle(rng, 512, 3) * 0.4 + 10  # dark, pure speckle
+    ship = sea.copy()
+    ship[200:206, 300:330] = 250  # a 30 x 6 px ship (0.07% of the tile)
+    f_sea = tile_features(load_tile(_write(tmp_path / "sea.tif", sea)))
+    f_ship = tile_features(load_tile(_write(tmp_path / "ship.tif", ship)))
+    assert f_sea["structure"] < 1.0 <= f_ship["structure"]
+    assert f_ship["bright_cells"] >= 12 and f_sea["bright_cells"] == 0

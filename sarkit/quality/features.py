@@ -32,7 +32,9 @@ BRIGHT_Z = 6.0
 #: Gradient (in working-grid DN per cell) above which a cell is an edge; see `_edges`.
 EDGE_Z = 3.0
 #: Reference values of the three structure cues (see `structure_score`).
-STRUCTURE_REF = {"glcm_correlation_d1": 0.05, "edge_density": 0.001, "bright_frac": 0.0005}
+#: Bright scatterers count in cells, not as a fraction: one ship is content whatever the tile
+#: size (the working grid is ~256 cells a side for every tile, so counts compare).
+STRUCTURE_REF = {"glcm_correlation_d1": 0.05, "edge_density": 0.001, "bright_cells": 12.0}
 #: Smallest DN span stretched over the GLCM levels (see `quantise_levels`).
 MIN_SPAN = 32.0
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
@@ -230,7 +232,7 @@ def _grid_stats(tile: Tile) -> dict[str, float]:
     g, ok = tile.grid, tile.ok
     n = int(ok.sum())
     if n < 16:
-        return {"bright_frac": 0.0, "edge_density": 0.0}
+        return {"bright_frac": 0.0, "bright_cells": 0.0, "edge_density": 0.0}
     _, p25, med, p75, _ = tile.percentiles
     scale = max((p75 - p25) / 1.349, 0.5)  # robust sigma from the interquartile range
     bright = ok & (np.nan_to_num(g, nan=0.0) > med + BRIGHT_Z * scale)
@@ -238,6 +240,7 @@ def _grid_stats(tile: Tile) -> dict[str, float]:
     clustered = bright & (_neighbours(bright) >= 2)
     return {
         "bright_frac": float(clustered.sum() / n),
+        "bright_cells": float(clustered.sum()),
         "edge_density": _edges(g, ok, med, scale),
     }
 
@@ -333,7 +336,7 @@ def structure_score(feats: dict[str, float]) -> float:
     return max(
         feats.get("glcm_correlation_d1", 0.0) / STRUCTURE_REF["glcm_correlation_d1"],
         feats.get("edge_density", 0.0) / STRUCTURE_REF["edge_density"],
-        feats.get("bright_frac", 0.0) / STRUCTURE_REF["bright_frac"],
+        feats.get("bright_cells", 0.0) / STRUCTURE_REF["bright_cells"],
     )
 
 

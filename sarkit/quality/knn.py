@@ -28,6 +28,7 @@ KNN_FEATURES: tuple[tuple[str, str], ...] = (
     ("dynamic_range", "log1p"),
     ("saturated_frac", "id"),
     ("bright_frac", "sqrt"),
+    ("bright_cells", "log1p"),
     ("edge_density", "sqrt"),
     ("structure", "log1p"),
     *(
