@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 #: Subcommand modules (sarkit.commands.<name>); each defines `command` and optional `NAME`.
-COMMANDS = ("plugins", "demo", "slice", "georef", "filter", "caption")
+COMMANDS = ("plugins", "demo", "slice", "georef", "filter", "caption", "pretrain")
 
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--debug": "debug"}
 

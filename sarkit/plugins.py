@@ -30,6 +30,7 @@ BUILTINS = (
     "sarkit.sensors.builtin",
     "sarkit.raster.quantise",
     "sarkit.raster.plugin",
+    "sarkit.train.plugin",
     "sarkit.quality.plugin",
     "sarkit.caption.plugin",
 )

@@ -1,0 +1,103 @@
+"""`sarkit pretrain`: train SAR-KnowLIP (ITC + ITM + MLM) on captioned records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sarkit import log, plugins
+from sarkit.errors import UsageError
+
+
+def command(
+    records: Path = typer.Argument(
+        ..., help="Captioned records (JSON Lines with 'path', 'texts')."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder."),
+    vision: str = typer.Option(
+        "vit_base_patch16_224", "--vision", help="timm ViT name, or tiny/small/base/large."
+    ),
+    vision_weights: str = typer.Option(
+        None, "--vision-weights", help="'timm' (pretrained download) or a weights file."
+    ),
+    text: str = typer.Option(
+        None, "--text", help="BERT name or folder (default: offline all-MiniLM-L6-v2)."
+    ),
+    text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
+    image_size: int = typer.Option(224, "--image-size"),
+    epochs: int = typer.Option(12, "--epochs"),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
+    lr: float = typer.Option(3e-4, "--lr"),
+    warmup_steps: int = typer.Option(3000, "--warmup-steps"),
+    lr_decay: float = typer.Option(0.9, "--lr-decay", help="Per-epoch factor after warm-up."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    queue_size: int = typer.Option(20000, "--queue-size"),
+    embed_dim: int = typer.Option(256, "--embed-dim"),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    fields: str = typer.Option(
+        None, "--fields", help="Comma-separated text fields in order (default: the records')."
+    ),
+    alpha: float = typer.Option(0.4, "--alpha", help="Momentum distillation weight."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
+    deepspeed: str = typer.Option(
+        None,
+        "--deepspeed",
+        help="zero1, zero2, zero3, zero2-offload, zero3-offload or a JSON file.",
+    ),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing"),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    no_augment: bool = typer.Option(False, "--no-augment"),
+    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),
+    log_every: int = typer.Option(10, "--log-every"),
+    resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Pretrain the SAR-KnowLIP model; works under torchrun and the deepspeed launcher."""
+    from sarkit.records import load_all
+    from sarkit.train.options import PretrainOptions
+
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
+    if batch_size < 1 or epochs < 1:
+        raise UsageError("--batch-size and --epochs must be at least 1")
+    options = PretrainOptions(
+        output=output,
+        records_path=str(records),
+        vision=vision,
+        vision_weights=vision_weights,
+        image_size=image_size,
+        text=text,
+        text_layers=text_layers,
+        embed_dim=embed_dim,
+        max_tokens=max_tokens,
+        fields=tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
+        queue_size=queue_size,
+        alpha=alpha,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        precision=precision,
+        deepspeed=deepspeed,
+        grad_checkpointing=grad_checkpointing,
+        workers=workers,
+        augment=not no_augment,
+        save_every=save_every,
+        log_every=log_every,
+        resume=resume,
+        seed=seed,
+    )
+    if deepspeed:
+        from sarkit.train.engine import import_deepspeed
+
+        import_deepspeed()
+    data = load_all(records, required=("id", "path"))
+    run_dir = plugins.get_manager().hook.sarkit_pretrain(records=data, options=options)
+    if run_dir is None:
+        raise UsageError("no plugin implements pretraining")
+    log.info(f"pretrained {len(data)} records -> {run_dir}")

@@ -1,0 +1,510 @@
+"""SAR-KnowLIP: ViT + BERT trained with ITC, ITM and MLM as ALBEF/BLIP do (paper section 3.3).
+
+* ITC: symmetric InfoNCE on projected [CLS] features, learnable temperature (from 0.07,
+  clamped to [0.001, 0.5]), negatives from the batch plus a feature queue filled by
+  momentum encoders (m = 0.995), targets softened by momentum distillation (alpha 0.4,
+  ramped up by the trainer).
+* ITM: the text encoder cross-attends to the image tokens; a binary head scores a matched
+  pair against one hard negative text per image and one hard negative image per text, drawn
+  from the ITC similarity distribution over the whole (all-rank) batch.
+* MLM: 15% of tokens masked (80% [MASK], 10% random, 10% kept) and reconstructed by a
+  separate BERT decoder that cross-attends to the image.
+
+The momentum encoders and queues live in :class:`Momentum`, outside the trained module, so
+an engine (DDP, DeepSpeed ZeRO-3) manages only what is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sarkit.model import TERRAIN_FIELDS
+from sarkit.model.text import EncodedText, bert_hidden, build_bert
+from sarkit.model.vision import build_vision, vision_name
+
+TEMP_RANGE = (0.001, 0.5)
+
+
+@dataclass
+class KnowLIPConfig:
+    """Everything needed to rebuild the model; saved as model.json beside the weights."""
+
+    vision: str = "vit_base_patch16_224"
+    image_size: int = 224
+    vision_weights: str | None = None
+    drop_path: float = 0.0
+    text: str | None = None  # None: the offline all-MiniLM-L6-v2 BERT
+    text_layers: int | None = None  # keep only the first N BERT layers (small test configs)
+    embed_dim: int = 256
+    max_tokens: int = 256
+    fields: tuple[str, ...] = TERRAIN_FIELDS
+    queue_size: int = 20000
+    momentum: float = 0.995
+    alpha: float = 0.4
+    temp: float = 0.07
+    mlm_prob: float = 0.15
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ITC, ITM, MLM
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vision = vision_name(self.vision)
+        self.fields = tuple(self.fields)
+        self.loss_weights = tuple(float(w) for w in self.loss_weights)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KnowLIPConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank (gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        rank, world = _world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather(x: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """Concatenate a tensor of equal shape from every rank (identity in one process)."""
+    import torch.distributed as dist
+
+    _, world = _world()
+    if world == 1:
+        return x
+    if with_grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def pad_width(enc_ids: torch.Tensor, enc_mask: torch.Tensor, pad_id: int):
+    """Pad token batches to the widest across ranks so they can be gathered."""
+    import torch.distributed as dist
+
+    _, world = _world()
+    if world == 1:
+        return enc_ids, enc_mask
+    width = torch.tensor([enc_ids.shape[1]], device=enc_ids.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    extra = int(width.item()) - enc_ids.shape[1]
+    if extra:
+        enc_ids = F.pad(enc_ids, (0, extra), value=pad_id)
+        enc_mask = F.pad(enc_mask, (0, extra), value=0)
+    return enc_ids, enc_mask
+
+
+# ---------------------------------------------------------------- the model
+
+
+class KnowLIP(nn.Module):
+    """The trained part of SAR-KnowLIP; ``forward`` returns the three losses and their sum."""
+
+    def __init__(self, config: KnowLIPConfig, pretrained_text: bool = True):
+        super().__init__()
+        self.config = config
+        self.vision = build_vision(
+            config.vision, config.image_size, config.vision_weights, config.drop_path
+        )
+        self.vision.reset_classifier(0, global_pool="")  # forward() -> all tokens
+        self.text = build_bert(config.text, config.text_layers, True, False, not pretrained_text)
+        self.decoder = build_bert(config.text, config.text_layers, True, True, not pretrained_text)
+        vw, tw = self.vision.num_features, self.text.config.hidden_size
+        self.vision_proj = nn.Linear(vw, config.embed_dim)
+        self.text_proj = nn.Linear(tw, config.embed_dim)
+        self.image_to_text = nn.Linear(vw, tw)  # cross-attention wants the text width
+        self.itm_head = nn.Linear(tw, 2)
+        # shape (1,): ZeRO-3 cannot partition a 0-dim parameter
+        self.temp = nn.Parameter(torch.tensor([float(config.temp)]))
+        tok = self.text.config
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.vocab_size = tok.vocab_size
+
+    # -- towers ---------------------------------------------------------------------
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision(images)
+
+    def image_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+
+    def text_feature(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = bert_hidden(self.text, input_ids, attention_mask)
+        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+
+    def itm_logits(
+        self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = bert_hidden(self.text, input_ids, attention_mask, self.image_to_text(image_tokens))
+        return self.itm_head(hidden[:, 0]).float()
+
+    def mlm_logits(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        where: torch.Tensor,
+    ) -> torch.Tensor:
+        """Vocabulary logits at the positions `where` (bool, like input_ids) only.
+
+        The vocabulary projection is most of the decoder's cost; masked positions are ~15%.
+        """
+        hidden = bert_hidden(
+            self.decoder.bert, input_ids, attention_mask, self.image_to_text(image_tokens)
+        )
+        return self.decoder.cls(hidden[where]).float()
+
+    def temperature(self) -> torch.Tensor:
+        return self.temp.float().clamp(*TEMP_RANGE)[0]
+
+    # -- training -------------------------------------------------------------------
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        momentum: Momentum,
+        alpha: float,
+        mlm_eligible: torch.Tensor | None = None,
+        special_ids: Sequence[int] = (),
+        mask_id: int = 103,
+    ) -> dict[str, torch.Tensor]:
+        """The losses for one batch; also enqueues the momentum features (call once per step)."""
+        w_itc, w_itm, w_mlm = self.config.loss_weights
+        temp = self.temperature()
+        img_tokens = self.image_tokens(images)
+        img_feat = self.image_feature(img_tokens)
+        txt_feat = self.text_feature(input_ids, attention_mask)
+
+        # ITC with momentum distillation over batch + queue
+        with torch.no_grad():
+            img_feat_m, txt_feat_m = momentum.features(images, input_ids, attention_mask)
+            q_img, q_txt = momentum.queued()
+            img_all = torch.cat([img_feat_m, q_img])
+            txt_all = torch.cat([txt_feat_m, q_txt])
+            b = images.shape[0]
+            hard = torch.zeros(b, img_all.shape[0], device=images.device)
+            hard[:, :b].fill_diagonal_(1.0)
+            t_i2t = alpha * F.softmax(img_feat_m @ txt_all.T / temp, dim=1) + (1 - alpha) * hard
+            t_t2i = alpha * F.softmax(txt_feat_m @ img_all.T / temp, dim=1) + (1 - alpha) * hard
+        sim_i2t = img_feat @ txt_all.T / temp
+        sim_t2i = txt_feat @ img_all.T / temp
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
+        loss_itc = (loss_i2t + loss_t2i) / 2
+        momentum.enqueue(gather(img_feat_m), gather(txt_feat_m))
+
+        loss_itm = self._itm_loss(img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp)
+        loss_mlm = self._mlm_loss(
+            img_tokens, input_ids, attention_mask, mlm_eligible, special_ids, mask_id
+        )
+        loss = w_itc * loss_itc + w_itm * loss_itm + w_mlm * loss_mlm
+        return {
+            "loss": loss,
+            "itc": loss_itc,
+            "itm": loss_itm,
+            "mlm": loss_mlm,
+            "temp": temp.detach().clone(),
+        }
+
+    def _itm_loss(self, img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp):
+        rank, _ = _world()
+        b = img_tokens.shape[0]
+        ids_pad, mask_pad = pad_width(input_ids, attention_mask, self.pad_id)
+        ids_all = gather(ids_pad)
+        mask_all = gather(mask_pad)
+        tokens_all = gather(img_tokens, with_grad=True)
+        if ids_all.shape[0] < 2:  # no negative exists
+            return img_tokens.sum() * 0.0
+        with torch.no_grad():
+            img_feat_all = gather(img_feat)
+            txt_feat_all = gather(txt_feat)
+            own = torch.arange(b, device=img_tokens.device) + rank * b
+            w_i2t = F.softmax(img_feat @ txt_feat_all.T / temp, dim=1)
+            w_t2i = F.softmax(txt_feat @ img_feat_all.T / temp, dim=1)
+            w_i2t[torch.arange(b), own] = 0
+            w_t2i[torch.arange(b), own] = 0
+            w_i2t = torch.nan_to_num(w_i2t) + 1e-12
+            w_t2i = torch.nan_to_num(w_t2i) + 1e-12
+            w_i2t[torch.arange(b), own] = 0
+            w_t2i[torch.arange(b), own] = 0
+            neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
+            neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
+        width = ids_pad.shape[1]
+        ids = torch.cat([ids_pad, ids_pad, ids_all[neg_txt, :width]])
+        mask = torch.cat([mask_pad, mask_pad, mask_all[neg_txt, :width]])
+        tokens = torch.cat([img_tokens, tokens_all[neg_img], img_tokens])
+        logits = self.itm_logits(tokens, ids, mask)
+        labels = torch.cat(
+            [torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
+        ).to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def _mlm_loss(self, img_tokens, input_ids, attention_mask, eligible, special_ids, mask_id):
+        ids, labels = mask_tokens(
+            input_ids,
+            attention_mask,
+            self.config.mlm_prob,
+            self.vocab_size,
+            mask_id,
+            special_ids,
+            eligible,
+        )
+        where = labels != -100
+        logits = self.mlm_logits(img_tokens, ids, attention_mask, where)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels[where])
+
+    # -- scoring API for SCIO and evaluation -----------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, normalised ITC feature) for a batch of 1-channel images."""
+        tokens = self.image_tokens(images)
+        return tokens, self.image_feature(tokens)
+
+    @torch.no_grad()
+    def encode_texts(self, enc: EncodedText) -> torch.Tensor:
+        """Normalised ITC features of an encoded text batch (drop/mask segments via the codec)."""
+        return self.text_feature(enc.input_ids, enc.attention_mask)
+
+    @torch.no_grad()
+    def itm_scores(self, image_tokens: torch.Tensor, enc: EncodedText) -> torch.Tensor:
+        """P(match) for each (image i, text i) pair."""
+        logits = self.itm_logits(image_tokens, enc.input_ids, enc.attention_mask)
+        return logits.softmax(dim=-1)[:, 1]
+
+    @torch.no_grad()
+    def pair_scores(self, images: torch.Tensor, enc: EncodedText) -> dict[str, torch.Tensor]:
+        """Per pair i: cosine similarity (ITC) and match probability (ITM) of image i, text i."""
+        tokens, img_feat = self.encode_images(images)
+        txt_feat = self.encode_texts(enc)
+        return {"itc_sim": (img_feat * txt_feat).sum(-1), "itm": self.itm_scores(tokens, enc)}
+
+    @torch.no_grad()
+    def itc_pair_loss(
+        self,
+        img_feat: torch.Tensor,
+        txt_feat: torch.Tensor,
+        bank_img: torch.Tensor,
+        bank_txt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-pair symmetric InfoNCE of (image i, text i) against banks of other features.
+
+        L_ITC(v_i, t_i) in the paper's eq. 10/14: the pair's own similarity contrasted with
+        the bank (e.g. the other texts and images of a batch, or the model's queue).
+        """
+        temp = self.temperature()
+        pos = (img_feat * txt_feat).sum(-1, keepdim=True) / temp
+        i2t = torch.cat([pos, img_feat @ bank_txt.T / temp], dim=1)
+        t2i = torch.cat([pos, txt_feat @ bank_img.T / temp], dim=1)
+        return -(F.log_softmax(i2t, dim=1)[:, 0] + F.log_softmax(t2i, dim=1)[:, 0]) / 2
+
+    @torch.no_grad()
+    def fill_masks(self, images: torch.Tensor, enc: EncodedText, mask_id: int) -> torch.Tensor:
+        """The input ids with each [MASK] replaced by the decoder's best token."""
+        tokens = self.image_tokens(images)
+        out = enc.input_ids.clone()
+        where = out == mask_id
+        logits = self.mlm_logits(tokens, enc.input_ids, enc.attention_mask, where)
+        out[where] = logits.argmax(-1)
+        return out
+
+    # -- saving ---------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, map_location: str = "cpu") -> KnowLIP:
+        """Rebuild a trained model from a run folder (model.json + model.safetensors)."""
+        run_dir = Path(run_dir)
+        config = KnowLIPConfig.from_dict(json.loads((run_dir / "model.json").read_text()))
+        config.vision_weights = None
+        model = cls(config, pretrained_text=False)
+        load_weights(model, run_dir / "model.safetensors", map_location)
+        return model
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prob: float,
+    vocab_size: int,
+    mask_id: int,
+    special_ids: Sequence[int],
+    eligible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `prob` of the eligible tokens; 80% [MASK], 10% random, 10% kept."""
+    ids = input_ids.clone()
+    labels = input_ids.clone()
+    can = attention_mask.bool()
+    for sid in special_ids:
+        can &= input_ids != sid
+    if eligible is not None:
+        can &= eligible.bool()
+    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & can
+    labels[~chosen] = -100
+    to_mask = (torch.rand(ids.shape, device=ids.device) < 0.8) & chosen
+    ids[to_mask] = mask_id
+    to_random = (torch.rand(ids.shape, device=ids.device) < 0.5) & chosen & ~to_mask
+    random_words = torch.randint(vocab_size, ids.shape, device=ids.device)
+    ids[to_random] = random_words[to_random]
+    return ids, labels
+
+
+class Momentum(nn.Module):
+    """Momentum (EMA) encoders for ITC plus the image and text feature queues.
+
+    The queue is a ring buffer: any batch size works, including a last partial batch and
+    batches larger than the queue. Only the filled part is used as negatives, so no random
+    vectors pose as negatives at the start.
+    """
+
+    def __init__(self, model: KnowLIP, queue_size: int, momentum: float):
+        super().__init__()
+        self.m = float(momentum)
+        self.vision = copy.deepcopy(model.vision)
+        self.vision_proj = copy.deepcopy(model.vision_proj)
+        self.text_proj = copy.deepcopy(model.text_proj)
+        self.text = _text_only_copy(model.text)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        d = model.config.embed_dim
+        self.register_buffer("image_queue", torch.zeros(queue_size, d))
+        self.register_buffer("text_queue", torch.zeros(queue_size, d))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    def pairs(self, model: KnowLIP) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(momentum parameter, live parameter) pairs, matched by name."""
+        live = dict(model.named_parameters())
+        return [(p, live[name]) for name, p in self.named_parameters()]
+
+    @torch.no_grad()
+    def update(self, model: KnowLIP, gathered: Callable[[list], Any] | None = None) -> None:
+        """EMA step towards the live model (`gathered` gives full ZeRO-3 parameters)."""
+        pairs = self.pairs(model)
+        ctx = gathered([q for _, q in pairs]) if gathered else nullcontext()
+        with ctx:
+            for p_m, p in pairs:
+                p_m.mul_(self.m).add_(p.detach().to(p_m.dtype), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def copy_from(self, model: KnowLIP) -> None:
+        for p_m, p in self.pairs(model):
+            p_m.copy_(p.detach())
+
+    @torch.no_grad()
+    def features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.vision(images)
+        img = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        hidden = bert_hidden(self.text, input_ids, attention_mask)
+        txt = F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        return img, txt
+
+    def queued(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(self.queue_filled)
+        return self.image_queue[:n].clone(), self.text_queue[:n].clone()
+
+    @torch.no_grad()
+    def enqueue(self, img_feat: torch.Tensor, txt_feat: torch.Tensor) -> None:
+        size = self.image_queue.shape[0]
+        if size == 0:
+            return
+        img_feat, txt_feat = img_feat[-size:], txt_feat[-size:]
+        n = img_feat.shape[0]
+        ptr = int(self.queue_ptr)
+        idx = (torch.arange(n, device=img_feat.device) + ptr) % size
+        self.image_queue[idx] = img_feat.to(self.image_queue.dtype)
+        self.text_queue[idx] = txt_feat.to(self.text_queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % size)
+        self.queue_filled.fill_(min(size, int(self.queue_filled) + n))
+
+
+def _text_only_copy(bert: nn.Module) -> nn.Module:
+    """The momentum text encoder needs no cross-attention: a plain bidirectional BERT copy."""
+    from transformers import BertModel
+
+    from sarkit.model.text import _bidirectional
+
+    config = bert.config.__class__.from_dict(bert.config.to_dict())
+    config.is_decoder = False
+    config.add_cross_attention = False
+    config._attn_implementation = bert.config._attn_implementation
+    plain = BertModel(config, add_pooling_layer=False)
+    state = {k: v for k, v in bert.state_dict().items() if "crossattention" not in k}
+    plain.load_state_dict(state, strict=True)
+    _bidirectional(plain)
+    return plain
+
+
+def save_weights(module: nn.Module, path: str | Path) -> None:
+    """A module's weights as safetensors: tied parameters once, every tensor a fresh copy.
+
+    Copies make it work on ZeRO-3 gathered parameters, whose storage is shared with a flat
+    buffer (which ``safetensors.torch.save_model`` refuses).
+    """
+    from safetensors.torch import save_file
+
+    keys = set(module.state_dict().keys())
+    state = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name in keys:
+            state[name] = t.detach().to("cpu", copy=True).contiguous()
+    save_file(state, str(path))
+
+
+def load_weights(module: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """Load what :func:`save_weights` wrote; only tied aliases may be absent from the file."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    saved_as = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    really_missing = [k for k in missing if k in saved_as]
+    if really_missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit the model (missing {really_missing[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )

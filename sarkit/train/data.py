@@ -1,0 +1,210 @@
+"""Records -> grayscale tiles -> augmented tensors, for pretraining, SCIO and fine-tuning.
+
+A record needs ``path`` (GeoTIFF, JPEG or PNG; relative paths are looked up beside the
+record file first, then from the working directory) and, for image-text training,
+``texts``. Augmentation fits SAR: random crops, flips and 90-degree rotations, never colour
+jitter (amplitude statistics carry meaning). Every random choice is drawn from a generator
+seeded by (seed, epoch, index), so a sample looks the same whichever worker loads it and a
+resumed run sees exactly the images an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sarkit.errors import SarkitError
+
+RASTER_SUFFIXES = {".tif", ".tiff", ".gtiff"}
+
+
+def resolve_path(path: str, base: Path | None) -> Path:
+    """A tile path: absolute, beside the record file, or from the working directory."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    if base is not None and (base / p).exists():
+        return base / p
+    return p
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """One band as float32 in [0, 1]: 8-bit scaled by 255, other types by a 1-99% stretch."""
+    if not path.exists():
+        raise SarkitError(f"{path}: tile not found")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            arr = src.read(1, masked=False)
+            nodata = src.nodata
+        arr = arr.astype(np.float32) if arr.dtype != np.uint8 else arr
+        if nodata is not None and arr.dtype != np.uint8:
+            arr = np.where(arr == nodata, np.nan, arr)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L"))
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
+    lo, hi = np.percentile(arr, [1, 99])
+    return np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
+
+
+@dataclass
+class Augment:
+    """SAR-fit augmentation: crop scale range, flips, 90-degree turns."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flips: bool = True
+    rot90: bool = True
+
+
+def to_tensor(
+    arr: np.ndarray, size: int, augment: Augment | None, rng: np.random.Generator | None
+) -> torch.Tensor:
+    """Crop (when augmenting), resize to size x size, flip/rotate; normalise to mean 0."""
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    h, w = arr.shape
+    if augment is not None and rng is not None:
+        scale = rng.uniform(*augment.crop_scale)
+        ch = max(1, int(round(h * math.sqrt(scale))))
+        cw = max(1, int(round(w * math.sqrt(scale))))
+        top = int(rng.integers(0, h - ch + 1))
+        left = int(rng.integers(0, w - cw + 1))
+        x = x[..., top : top + ch, left : left + cw]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if augment is not None and rng is not None:
+        if augment.flips and rng.random() < 0.5:
+            x = x.flip(-1)
+        if augment.flips and rng.random() < 0.5:
+            x = x.flip(-2)
+        if augment.rot90:
+            x = torch.rot90(x, int(rng.integers(0, 4)), dims=(-2, -1))
+    return ((x[0] - 0.5) / 0.5).contiguous()
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Records -> (image, record index); the collate function adds what a task needs."""
+
+    def __init__(
+        self,
+        records: Sequence[dict],
+        image_size: int,
+        base: Path | None = None,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ):
+        self.records = list(records)
+        self.image_size = int(image_size)
+        self.base = base
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rec = self.records[index]
+        path = resolve_path(str(rec["path"]), self.base)
+        try:
+            arr = read_gray(path)
+        except SarkitError:
+            raise
+        except Exception as exc:
+            raise SarkitError(f"{path} (record {rec.get('id')}): unreadable tile: {exc}") from exc
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
+        return to_tensor(arr, self.image_size, self.augment, rng), index
+
+
+class ImageTextCollate:
+    """Stack images and tokenise the records' texts (segment order = codec fields).
+
+    A record may name segments to keep out of MLM targets in ``mlm_exclude`` (field names,
+    as SCIO's noise pool does); those tokens are never masked or predicted.
+    """
+
+    def __init__(self, records: Sequence[dict], codec: Any):
+        self.records = records
+        self.codec = codec
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        images = torch.stack([b[0] for b in batch])
+        index = torch.tensor([b[1] for b in batch], dtype=torch.long)
+        recs = [self.records[i] for i in index.tolist()]
+        enc = self.codec.encode([r["texts"] for r in recs])
+        eligible = torch.ones_like(enc.attention_mask, dtype=torch.bool)
+        fields = self.codec.fields
+        for row, rec in enumerate(recs):
+            for name in rec.get("mlm_exclude") or ():
+                if name in fields:
+                    eligible[row] &= enc.segment_ids[row] != fields.index(name) + 1
+        return {
+            "images": images,
+            "input_ids": enc.input_ids,
+            "attention_mask": enc.attention_mask,
+            "segment_ids": enc.segment_ids,
+            "mlm_eligible": eligible,
+            "index": index,
+        }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded per-epoch permutation, from a given position on.
+
+    Every rank gets the same number of samples (the permutation is padded by wrapping, as
+    DistributedSampler does), so all-gathers see equal batches. ``start`` skips samples
+    already seen when a run resumes mid-epoch, without loading them.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / max(self.n, 1)))[:total]
+        return order[self.rank : total : self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def check_records(records: Sequence[dict], source: str, need_texts: bool = True) -> None:
+    """Fail early, naming the record, when one lacks what training needs."""
+    if not records:
+        raise SarkitError(f"{source}: no records to train on")
+    for i, rec in enumerate(records, start=1):
+        if "path" not in rec:
+            raise SarkitError(f"{source}:{i} ({rec.get('id')}): record has no 'path'")
+        if need_texts and not isinstance(rec.get("texts"), dict):
+            raise SarkitError(
+                f"{source}:{i} ({rec.get('id')}): record has no 'texts' (run sarkit caption first)"
+            )

@@ -1,0 +1,324 @@
+"""Two engines behind one trainer: plain PyTorch (one process or DDP) and DeepSpeed ZeRO.
+
+An engine owns the wrapped model and the optimiser. It runs one optimiser step on a batch,
+saves and loads its state, and hands out full (gathered) weights for export. The momentum
+encoders and queues stay outside it (see ``sarkit.model.knowlip.Momentum``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sarkit.errors import SarkitError, UsageError
+
+DS_PRESETS = {
+    "zero1": (1, False),
+    "zero2": (2, False),
+    "zero3": (3, False),
+    "zero2-offload": (2, True),
+    "zero3-offload": (3, True),
+}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(use_deepspeed: bool) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun/deepspeed set up (or a one-process group for DeepSpeed)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if use_deepspeed:
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed = import_deepspeed()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    elif world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def teardown_distributed(clean: bool = True) -> None:
+    """barrier before destroy: two-process ZeRO-3 on gloo otherwise aborts at exit now and then.
+
+    After a failure there is no barrier (the other ranks may never reach it).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average logged scalars over ranks (one small all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise UsageError(
+            "--deepspeed needs DeepSpeed: pip install 'sarkit[deepspeed]' (or pip install "
+            f"deepspeed); a C++ compiler and ninja are needed for its JIT ops ({exc})"
+        ) from exc
+    return deepspeed
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' position/class tokens and temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "temp"))
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def batch_kwargs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "images": batch["images"].to(device, dtype=dtype, non_blocking=True),
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+        "mlm_eligible": batch["mlm_eligible"].to(device, non_blocking=True),
+    }
+
+
+# ---------------------------------------------------------------- plain PyTorch
+
+
+class PlainEngine:
+    """AdamW on the module itself, wrapped in DDP when there are several processes."""
+
+    name = "pytorch"
+
+    def __init__(self, model: torch.nn.Module, options: Any, device: torch.device, world: int):
+        self.module = model.to(device)
+        self.device = device
+        self.dtype = PRECISIONS[options.precision]
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.model = model
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, options.weight_decay), lr=options.lr_start, betas=(0.9, 0.999)
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
+        kwargs = dict(kwargs)
+        kwargs["images"] = kwargs["images"].float()
+        with self.autocast():
+            out = self.model(**kwargs)
+        if self.scaler is not None:
+            self.scaler.scale(out["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            out["loss"].backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def gathered(self, params: list) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[torch.nn.Module]:
+        yield self.module
+
+    def save(self, folder: Path, rank: int) -> None:
+        from sarkit.model.knowlip import save_weights
+
+        if rank == 0:
+            save_weights(self.module, folder / "model.safetensors")
+            state = {"optimizer": self.optimizer.state_dict()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        from sarkit.model.knowlip import load_weights
+
+        load_weights(self.module, folder / "model.safetensors", self.device)
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(spec: str, options: Any) -> dict:
+    """A DeepSpeed config from a preset name or a JSON file; batch and precision filled in."""
+    if spec in DS_PRESETS:
+        stage, offload = DS_PRESETS[spec]
+        zero: dict[str, Any] = {"stage": stage}
+        if offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            if stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        config: dict[str, Any] = {"zero_optimization": zero}
+    else:
+        path = Path(spec)
+        if not path.exists():
+            known = ", ".join(DS_PRESETS)
+            raise UsageError(f"--deepspeed {spec}: neither a preset ({known}) nor a JSON file")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SarkitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    config.setdefault("train_micro_batch_size_per_gpu", options.batch_size)
+    config.setdefault("gradient_accumulation_steps", 1)
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    if options.precision == "bf16":
+        config.setdefault("bf16", {"enabled": True})
+    elif options.precision == "fp16":
+        config.setdefault("fp16", {"enabled": True, "initial_scale_power": 16})
+    return config
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize with a torch AdamW (no fused_adam JIT) unless it offloads."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, options: Any, device: torch.device, world: int):
+        deepspeed = import_deepspeed()
+        self.config = deepspeed_config(options.deepspeed, options)
+        zero = self.config.get("zero_optimization", {})
+        self.stage = int(zero.get("stage", 0))
+        groups = param_groups(model, options.weight_decay)
+        offload = "offload_optimizer" in zero or "offload_param" in zero
+        if "optimizer" in self.config:
+            optimizer = None
+            model_parameters = groups
+        elif offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=options.lr_start, adamw_mode=True)
+            model_parameters = None
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=options.lr_start, betas=(0.9, 0.999))
+            model_parameters = None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=model_parameters, config=self.config
+        )
+        self.module = self.engine.module
+        self.device = device
+        if self.config.get("bf16", {}).get("enabled"):
+            self.dtype = torch.bfloat16
+        elif self.config.get("fp16", {}).get("enabled"):
+            self.dtype = torch.float16
+        else:
+            self.dtype = torch.float32
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
+        kwargs = dict(kwargs)
+        kwargs["images"] = kwargs["images"].to(self.dtype)
+        out = self.engine(**kwargs)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return out
+
+    def gathered(self, params: list) -> contextlib.AbstractContextManager:
+        if self.stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[torch.nn.Module]:
+        """The module with every parameter whole (all ranks must enter together)."""
+        with self.gathered(list(self.module.parameters())):
+            yield self.module
+
+    def save(self, folder: Path, rank: int) -> None:
+        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(folder),
+            tag="deepspeed",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise SarkitError(f"{folder}: no DeepSpeed checkpoint in it")
+
+
+def make_engine(model: torch.nn.Module, options: Any, device: torch.device, world: int):
+    if options.deepspeed:
+        return DeepSpeedEngine(model, options, device, world)
+    return PlainEngine(model, options, device, world)
