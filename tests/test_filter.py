@@ -329,3 +329,38 @@ def test_one_ship_on_open_sea_is_content_the_empty_sea_is_not(tmp_path):
     f_ship = tile_features(load_tile(_write(tmp_path / "ship.tif", ship)))
     assert f_sea["structure"] < 1.0 <= f_ship["structure"]
     assert f_ship["bright_cells"] >= 12 and f_sea["bright_cells"] == 0
+
+
+def test_rerun_on_marked_output_reuses_features(tmp_path):
+    """Tune thresholds on a --mark output without measuring again (tiles may be gone)."""
+    rng = np.random.default_rng(5)
+    with rasterio.open(shared(*UMBRA)) as src:
+        umbra = src.read(1, window=((400, 800), (400, 800)))
+    saturated = np.maximum(umbra, 1)
+    saturated[:, :150] = 255  # 37% of the tile clipped white
+    tiles = {
+        "umbra": _write(tmp_path / "u.tif", np.maximum(umbra, 1)),
+        "white": _write(tmp_path / "w.tif", saturated),
+        "speckle": _write(tmp_path / "s.tif", _log_quantised_speckle(rng, 400, 1)),
+    }
+    records = _records(tmp_path / "r.jsonl", list(tiles.items()))
+    marked = tmp_path / "marked.jsonl"
+    sarkit("filter", records, "--mark", "-o", marked, "-j", "1", check=0)
+    first = {json.loads(line)["id"]: json.loads(line)["quality"] for line in marked.open()}
+    assert first["white"]["reason"] == "saturated"
+    assert first["speckle"]["reason"] == "structure-poor"
+    assert first["umbra"]["keep"]
+    for path in tiles.values():
+        Path(path).unlink()
+    again = sarkit(
+        "filter", marked, "--mark", "--max-saturated", "0.5", "--disable", "knn", check=0
+    )
+    second = {
+        json.loads(line)["id"]: json.loads(line)["quality"] for line in again.stdout.splitlines()
+    }
+    assert second["white"]["keep"] and second["white"]["reason"] is None
+    assert second["speckle"]["reason"] == "structure-poor"
+    assert second["umbra"]["entropy"] == first["umbra"]["entropy"]
+    assert all(q["reason"] != "knn" for q in second.values())
+    fresh = sarkit("filter", marked, "--mark", "--remeasure", check=1)
+    assert "tile not found" in fresh.stderr

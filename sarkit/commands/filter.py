@@ -56,6 +56,12 @@ def command(
     jobs: int = typer.Option(
         os.cpu_count() or 1, "-j", "--jobs", min=1, help="Worker processes for the features."
     ),
+    remeasure: bool = typer.Option(
+        False,
+        "--remeasure",
+        help="Measure every tile again, even records whose quality features (from an earlier "
+        "--mark run) are reused by default.",
+    ),
 ) -> None:
     """Screen tiles: drop nodata, flat, saturated and structure-poor tiles, kNN for the rest."""
     options = FilterOptions(
@@ -69,6 +75,7 @@ def command(
         disabled=frozenset(disable or ()),
         seed_labels=seed_labels,
         jobs=jobs,
+        remeasure=remeasure,
     )
     report = Report("filter")  # done = kept; dropped per reason
     sheet = None

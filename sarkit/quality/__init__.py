@@ -24,6 +24,7 @@ class FilterOptions:
     disabled: filter names (reasons) switched off, e.g. ``structure-poor`` for marine sets.
     seed_labels: CSV of hand labels (id,label) that replace the bootstrapped keep seeds.
     jobs: worker processes for the feature step.
+    remeasure: measure every tile even when its record carries features of this version.
     """
 
     max_nodata: float = 0.5
@@ -37,3 +38,4 @@ class FilterOptions:
     seed_labels: Path | None = None
     jobs: int = 1
     working_size: int = 256
+    remeasure: bool = False

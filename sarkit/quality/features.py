@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: Bump when a feature's definition changes: records measured under another version are
+#: measured again instead of reused (see ``sarkit.quality.screen.reusable``).
+FEATURES_VERSION = "1"
 #: Defaults for the feature step; change them and every tile must be measured again.
 WORKING_SIZE = 256
 GLCM_LEVELS = 32

@@ -33,6 +33,9 @@ class QualityFilter:
     description: str
     knn_features: tuple[str, ...] = ()
     drop_seeds: bool = True
+    #: The quality keys ``verdict`` reads. None: unknown, so the tile is always measured
+    #: afresh; a tuple lets a rerun reuse features a ``--mark`` output already carries.
+    needs: tuple[str, ...] | None = None
 
     def measure(self, tile: Any) -> dict[str, float]:
         """Extra features from the pixels (``sarkit.quality.features.Tile``); none by default."""
@@ -53,6 +56,10 @@ class Threshold(QualityFilter):
     upper: bool  # True: values above the threshold fail; False: values below fail
     description: str = ""
     drop_seeds: bool = True
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return (self.feature,)
 
     def verdict(self, quality: dict[str, Any], options: FilterOptions) -> str:
         value = float(quality.get(self.feature, 0.0))

@@ -3,14 +3,18 @@
 Two passes keep memory flat in the number of records: pass 1 measures every tile (in
 worker processes) and spills each record, its features added, to a temporary JSON Lines
 file, keeping only the kNN feature matrix and a verdict code per tile in memory; pass 2
-streams the spill back with score, keep and reason added. The matrix is a flat array of
+streams the spill back with score, keep and reason added. Records that already carry
+``quality`` features of the same version (a ``--mark`` output run again with other
+thresholds or seed labels) are not measured again. The matrix is a flat array of
 doubles: 100 000 tiles x 26 features is 21 MB.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
@@ -23,8 +27,11 @@ import numpy as np
 from sarkit import log
 from sarkit.errors import SarkitError
 from sarkit.quality import FilterOptions
-from sarkit.quality.features import TileReadError, load_tile, tile_features
+from sarkit.quality.features import FEATURES_VERSION, TileReadError, load_tile, tile_features
 from sarkit.quality.rules import FAIL, PASS, QualityFilter
+
+#: Keys the screening decides; everything else in ``quality`` is a measured feature.
+DECISION_KEYS = ("score", "keep", "reason")
 
 #: Records per task sent to a worker: large enough to amortise pickling, small for balance.
 CHUNK = 8
@@ -33,27 +40,57 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(filters: list[QualityFilter], options: FilterOptions) -> None:
+    if multiprocessing.parent_process() is not None:
+        # Ctrl-C is the parent's to handle: it cancels the queue and stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker["filters"] = filters
     _worker["options"] = options
 
 
 def measure(path: str, filters: list[QualityFilter], options: FilterOptions) -> dict:
-    """Features of one tile plus every filter's verdict; raises TileReadError."""
+    """Features of one tile plus every filter's own measurements; raises TileReadError."""
     tile = load_tile(path, options.working_size)
     quality: dict[str, Any] = tile_features(tile)
     for flt in filters:
         quality.update(flt.measure(tile))
+    quality["version"] = version(options)
     return quality
 
 
-def _measure_chunk(paths: list[str]) -> list[tuple[str, Any]]:
-    out = []
+def version(options: FilterOptions) -> str:
+    """Names the feature definitions, so a later run knows whether it may reuse them."""
+    return f"{FEATURES_VERSION}/w{options.working_size}"
+
+
+def _measure_chunk(paths: list[str | None]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for path in paths:
+        if path is None:
+            out.append(("reuse", None))
+            continue
         try:
             out.append(("ok", measure(path, _worker["filters"], _worker["options"])))
         except TileReadError as exc:
             out.append(("missing" if "not found" in str(exc) else "unreadable", str(exc)))
     return out
+
+
+def reusable(record: dict, filters: list[QualityFilter], options: FilterOptions) -> bool:
+    """Whether a record's ``quality`` from an earlier run can stand in for measuring again.
+
+    It can when the feature definitions match and every active filter names the features
+    it needs and finds them (a filter that names none is always measured afresh).
+    """
+    quality = record.get("quality")
+    if options.remeasure or not isinstance(quality, dict):
+        return False
+    if quality.get("version") != version(options):
+        return False
+    for flt in filters:
+        needs = getattr(flt, "needs", None)
+        if needs is None or any(key not in quality for key in needs):
+            return False
+    return True
 
 
 def resolve_path(record: dict) -> str:
@@ -92,9 +129,12 @@ def _measured(
 ) -> Iterator[tuple[dict, str, Any]]:
     """Yield (record, status, quality-or-message) in input order, measuring in parallel."""
 
-    def paths_of(batch: list[dict]) -> list[str]:
-        out = []
+    def paths_of(batch: list[dict]) -> list[str | None]:
+        out: list[str | None] = []
         for rec in batch:
+            if reusable(rec, filters, options):
+                out.append(None)
+                continue
             try:
                 out.append(resolve_path(rec))
             except TileReadError:
@@ -106,9 +146,10 @@ def _measured(
         for batch in _chunks(records, CHUNK):
             yield from _zip(batch, _measure_chunk(paths_of(batch)))
         return
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=options.jobs, initializer=_init_worker, initargs=(filters, options)
-    ) as pool:
+    )
+    try:
         pending: list[tuple[list[dict], Any]] = []
         for batch in _chunks(records, CHUNK):
             pending.append((batch, pool.submit(_measure_chunk, paths_of(batch))))
@@ -117,11 +158,18 @@ def _measured(
                 yield from _zip(done_batch, fut.result())
         for done_batch, fut in pending:
             yield from _zip(done_batch, fut.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _zip(batch: list[dict], results: list[tuple[str, Any]]) -> Iterator[tuple[dict, str, Any]]:
     for rec, (status, value) in zip(batch, results, strict=True):
-        if status != "ok" and not rec.get("path"):
+        if status == "reuse":
+            status = "ok"
+            value = {k: v for k, v in rec["quality"].items() if k not in DECISION_KEYS}
+        elif status != "ok" and not rec.get("path"):
             value = "record has no tile 'path'"
         yield rec, status, value
 
