@@ -414,7 +414,7 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
     stages: dict[int, str] = {}
     totals = collections.Counter()
     next_out = 0
-    workers = max(1, options.concurrency)
+    workers = max(1, options.concurrency) + int(getattr(cap.client, "prefetch", 0))
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
     inflight: dict[cf.Future, Job] = {}
     stopping = False

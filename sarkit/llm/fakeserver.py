@@ -68,9 +68,7 @@ class FakeChatServer:
 
     def start(self) -> FakeChatServer:
         handler = _make_handler(self)
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 256
+        self._server = _Server(("127.0.0.1", self._port), handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -102,6 +100,11 @@ class FakeChatServer:
                 self.answered[tile] += 1
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # listen() backlog: many clients connect at once
+
+
 def _fields_of(body: dict, user_text: str) -> list[str]:
     fmt = body.get("response_format") or {}
     schema = (fmt.get("json_schema") or {}).get("schema") or {}
@@ -127,6 +130,11 @@ def _make_handler(srv: FakeChatServer):
 
         def log_message(self, *args) -> None:  # quiet
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            # as real servers do: no Nagle delay between the header and the body writes
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def _send(self, status: int, payload: bytes, headers: dict | None = None) -> None:
             self.send_response(status)

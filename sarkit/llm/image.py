@@ -38,6 +38,6 @@ def png_data_url(path: str, max_side: int = 1024) -> tuple[str, tuple[int, int]]
 
     gray, _ = read_gray(path, max_side)
     buf = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buf, format="PNG", compress_level=3)
+    Image.fromarray(gray, mode="L").save(buf, format="PNG", compress_level=1)
     encoded = base64.b64encode(buf.getvalue()).decode("ascii")
     return f"data:image/png;base64,{encoded}", (gray.shape[1], gray.shape[0])

@@ -201,6 +201,10 @@ class OpenAIClient:
         self.stop = getattr(options, "stop_event", None) or threading.Event()
         self.use_schema = model.json_schema
         concurrency = max(1, int(getattr(options, "concurrency", 8)))
+        # at most `concurrency` requests on the wire; a few more threads may prepare the
+        # next tiles (read, PNG, prompt) meanwhile, so preparation never idles a slot
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self.prefetch = min(concurrency, 4)
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -249,7 +253,8 @@ class OpenAIClient:
         if self.stop.is_set():
             raise BackendError("interrupted")
         try:
-            response = self._http.post("/chat/completions", json=body)
+            with self._slots:
+                response = self._http.post("/chat/completions", json=body)
         except httpx.TimeoutException as exc:
             raise Retryable(f"timed out after {self.timeout:g} s ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
