@@ -68,9 +68,13 @@ def sarkit_quality_filters() -> list[Any]:
 def sarkit_llm_backends() -> list[Any]:
     """Contribute LLM backends for ``sarkit caption``; each registers the model names it serves.
 
-    Called once when ``--llm NAME`` is resolved. Collected from all plugins; the first
-    backend that claims a model name serves it, so a third-party backend can take a name
-    from a built-in one.
+    Called once when ``--llm NAME`` is resolved. Return a list of backends
+    (``sarkit.llm.base.Backend``): a ``name``, ``models`` (``sarkit.llm.base.Model``: the
+    name ``--llm`` takes, prices per million tokens, whether it takes a JSON schema) and
+    ``connect(model, options)`` returning a thread-safe client whose ``complete(request,
+    repair=None)`` captions one tile. Collected from all plugins; the first backend that
+    claims a model name serves it, so a third-party backend can take a name from a
+    built-in one.
     """
 
 

@@ -311,3 +311,31 @@ def test_offline_texts_follow_the_pixels_on_a_made_tile(tmp_path):
     assert "left part" in texts["Water"] and "50%" in texts["Water"]
     assert "right part" in texts["Buildings"] and "blocks" in texts["Buildings"]
     assert "open water" not in texts["Terrain"]
+
+
+def test_journal_ignores_a_torn_last_line_and_is_held_by_one_run(tmp_path):
+    from sarkit.caption.journal import Journal, entry_key
+    from sarkit.errors import SarkitError
+
+    path = tmp_path / "j"
+    key = entry_key("a", "openai", "m", "0" * 64)
+    done = {"key": key, "id": "a", "status": "done", "texts": {}, "caption": {}}
+    path.write_bytes((json.dumps(done) + "\n" + '{"key": "b\tx", "id": "b", "sta').encode())
+    journal = Journal(path)
+    assert journal.get(key) and journal.torn == 1 and len(journal.done) == 1
+    with pytest.raises(SarkitError, match="in use by another"):
+        Journal(path)
+    journal.append({"key": "k2", "id": "b", "status": "done"})
+    journal.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1])["id"] == "b"  # the new entry starts on its own line
+    assert len(Journal(path).done) == 2
+
+
+def test_parent_cycles_are_reported_not_hung(tmp_path):
+    images = shared("hrsid_mini", "images")
+    jpg = images / "P0004_4200_5000_6000_6800.jpg"
+    recs = [record("a", jpg, parent="b"), record("b", jpg, parent="a"), record("c", jpg)]
+    out, report = run(recs, task="terrain")
+    assert [r["id"] for r in out] == ["c"]
+    assert len(report.errors) == 2 and all("cycle" in e for e in report.errors)

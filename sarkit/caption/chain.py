@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -174,7 +175,7 @@ class Captioner:
             job.parent,
             stage,
         )
-        est_in, est_out = self.client.estimate(request)
+        est_in, est_out = _estimate(self.client, request)
         estimate = self.model.cost(est_in, est_out)
         t0 = time.monotonic()
         tin = tout = attempts = 0
@@ -274,6 +275,11 @@ class Captioner:
         )
 
 
+def _estimate(client: Any, request: Request) -> tuple[int, int]:
+    estimate = getattr(client, "estimate", None)
+    return estimate(request) if estimate else (0, 0)
+
+
 def _resolve_path(record: dict, source: str) -> str:
     path = Path(str(record.get("path", "")))
     if not path.is_absolute() and not path.exists() and source not in ("<stdin>", ""):
@@ -368,7 +374,7 @@ def dry_run(records, options, templates, model, client, report) -> None:
         request = Request(
             record, task, prompt.system, prompt.user, path, options.image_size, parent, stage
         )
-        tin, tout = client.estimate(request)
+        tin, tout = _estimate(client, request)
         total_in += tin
         total_out += tout
         if n < shown:
@@ -405,17 +411,27 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
     ready: collections.deque[Job] = collections.deque()
     for i, (record, path) in enumerate(records):
         pid = record.get("parent")
-        if pid and pid in index and index[pid] != i:
+        if pid and pid in index:
             children[index[pid]].append(i)
         else:
             note = f"parent {pid} is not in this input" if pid else None
             ready.append(Job(i, record, path, parent_note=note))
+    reachable = {job.index for job in ready}
+    stack = list(reachable)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in reachable:
+                reachable.add(c)
+                stack.append(c)
     results: list[Any] = [_PENDING] * n
+    for i in sorted(set(range(n)) - reachable):  # parent links that loop: bad input
+        results[i] = None
+        report.error(f"{records[i][0]['id']}: its parent links form a cycle; skipped")
     stages: dict[int, str] = {}
     totals = collections.Counter()
     next_out = 0
     workers = max(1, options.concurrency) + int(getattr(cap.client, "prefetch", 0))
-    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
+    pool = DaemonPool(workers)
     inflight: dict[cf.Future, Job] = {}
     stopping = False
     fatal: BaseException | None = None
@@ -504,8 +520,9 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                         yield results[next_out]
                     next_out += 1
     except KeyboardInterrupt:
+        # stop at once: requests in flight are abandoned (daemon threads), never journaled
         options.stop_event.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
         journal = cap.journal
         where = (
             f"finished tiles are kept in {journal.path}; rerun the same command to resume"
@@ -515,7 +532,7 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
         log.error(f"interrupted after {report.done} of {n} tiles; {where}")
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=not options.stop_event.is_set())
     if fatal is not None:
         raise SarkitError(str(fatal)) from None
     for key in ("from journal", "retries"):
@@ -537,6 +554,51 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                 else "rerun with a higher --max-cost (and --journal to keep work)"
             )
         )
+
+
+class DaemonPool:
+    """A thread pool whose threads never hold the process: after Ctrl-C the run exits at once.
+
+    (concurrent.futures joins its worker threads at exit, which would wait for every request
+    in flight, up to the timeout.) Futures are ordinary `concurrent.futures.Future`s.
+    """
+
+    def __init__(self, n: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"caption-{i}", daemon=True) for i in range(n)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Any, *args: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True) -> None:
+        while True:  # cancel what has not started
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def _descendants(children: dict[int, list[int]], i: int) -> int:

@@ -65,6 +65,8 @@ class Journal:
     def append(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         with self._lock:
+            if self._fh.closed:  # a worker finishing after an interrupted run closed it
+                return
             self._fh.write(line)
             self._fh.flush()
             os.fsync(self._fh.fileno())

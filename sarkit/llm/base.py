@@ -67,6 +67,9 @@ class Client(Protocol):
     def complete(self, request: Request, repair: tuple[str, str] | None = None) -> Answer:
         """Caption one tile; `repair` = (previous answer, repair prompt) asks once more."""
 
+    def estimate(self, request: Request) -> tuple[int, int]:
+        """(input tokens, most output tokens) for --dry-run and --max-cost; optional."""
+
     def close(self) -> None: ...
 
 

@@ -254,6 +254,8 @@ class OpenAIClient:
             raise BackendError("interrupted")
         try:
             with self._slots:
+                if self.stop.is_set():
+                    raise BackendError("interrupted")
                 response = self._http.post("/chat/completions", json=body)
         except httpx.TimeoutException as exc:
             raise Retryable(f"timed out after {self.timeout:g} s ({type(exc).__name__})") from None
