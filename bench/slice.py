@@ -68,8 +68,8 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + sys) of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
@@ -78,7 +78,7 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -145,17 +145,19 @@ def main() -> None:
             best = got if best is None or got[0] < best[0] else best
         results[name] = best
     shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
     print(
         f"\nscene {args.size}x{args.size} float32, {mb:.0f} MB, tiles {args.tile} px, "
-        f"{os.cpu_count()} CPUs, best of {args.repeat}, cold page cache\n"
+        f"{os.cpu_count()} CPUs, best of {args.repeat}, cold page cache, "
+        f"load average {load:.1f} at the end\n"
     )
-    header = f"{'method':<24}{'seconds':>9}{'MB/s':>9}{'peak RSS MiB':>14}"
     others = list(results)
-    header += "".join(f"{'x ' + o:>14}" for o in others)
+    header = f"{'method':<26}{'seconds':>9}{'CPU s':>8}{'MB/s':>8}{'RSS MiB':>9}"
+    header += "".join(f"  x {o[:12]:<12}" for o in others)
     print(header)
-    for name, (sec, rss) in results.items():
-        row = f"{name:<24}{sec:>9.2f}{mb / sec:>9.0f}{rss:>14.0f}"
-        row += "".join(f"{results[o][0] / sec:>14.2f}" for o in others)
+    for name, (sec, rss, cpu) in results.items():
+        row = f"{name:<26}{sec:>9.2f}{cpu:>8.2f}{mb / sec:>8.0f}{rss:>9.0f}"
+        row += "".join(f"{results[o][0] / sec:>16.2f}" for o in others)
         print(row)
     print("\n'x M' = speed relative to method M (seconds of M / seconds of this row)")
 

@@ -207,3 +207,15 @@ def test_rerun_reuses_tiles_and_no_partial_files(tmp_path):
     assert all(os.stat(p).st_mtime_ns == m for p, m in stamp.items())
     finals = sorted(p.name for p in (tmp_path / "t" / "s" / "L").glob("r*.tif"))
     assert finals == ["r000_c000.tif", "r000_c001.tif", "r001_c000.tif", "r001_c001.tif"]
+
+
+def test_damaged_tile_from_a_crash_is_rewritten(tmp_path):
+    scene = write(tmp_path / "s.tif", speckle((64, 64)))
+    first = records(sarkit("slice", scene, "-o", tmp_path / "t", "-g", "64", check=0))
+    damaged = first[0]["path"]
+    with open(damaged, "r+b") as fh:
+        fh.truncate(100)
+    again = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "64", check=0)
+    assert records(again) == first
+    with rasterio.open(damaged) as tile:
+        assert tile.read(1).min() >= 1

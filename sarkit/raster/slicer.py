@@ -27,7 +27,7 @@ from sarkit import sensors
 from sarkit.atomic import atomic_path
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
-from sarkit.raster.quantise import NODATA_OUT, to_amplitude
+from sarkit.raster.quantise import NODATA_OUT, apply_lut, build_lut, to_amplitude
 from sarkit.raster.scene import (
     Scene,
     gdal_message,
@@ -196,6 +196,7 @@ class SceneJob:
                 )
         except rasterio.errors.RasterioIOError as exc:
             raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
+        self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
         self.specs, partial = plan(
             scene.width, scene.height, self.sizes, options.keep_partial, options.min_coverage
         )
@@ -230,20 +231,33 @@ class SceneJob:
         full[inner], full_valid[inner] = values, valid
         return full, full_valid
 
+    @staticmethod
+    def check_existing(path: Path) -> float | None:
+        """A tile from an earlier run, if it reads back whole: its nodata fraction; None if
+        it is damaged (e.g. cut short by a power loss) and must be written again."""
+        try:
+            with rasterio.open(path) as existing:
+                return float(np.mean(existing.read(1) == NODATA_OUT))
+        except rasterio.errors.RasterioError:
+            return None
+
     def work(self, spec: TileSpec, datasets: _ThreadDatasets) -> TileResult:
         """Runs in a worker thread: read, screen, quantise, write one tile."""
         path = self.tile_path(spec)
         try:
             if path.exists() and not self.options.overwrite:
-                with rasterio.open(path) as existing:
-                    frac = float(np.mean(existing.read(1) == NODATA_OUT))
-                return TileResult(spec, path, "exists", frac)
+                frac = self.check_existing(path)
+                if frac is not None:
+                    return TileResult(spec, path, "exists", frac)
             values, valid = self.read(datasets.get(), spec)
             frac = 1.0 - float(np.count_nonzero(valid)) / valid.size
             if frac > self.options.max_nodata:
                 return TileResult(spec, path, "nodata", frac)
-            amplitude = to_amplitude(values, self.radiometry)
-            pixels = self.quantiser.apply(amplitude, self.params, valid)
+            if self.lut is not None:
+                pixels = apply_lut(values, self.lut, valid)
+            else:
+                amplitude = to_amplitude(values, self.radiometry)
+                pixels = self.quantiser.apply(amplitude, self.params, valid)
             write_tile(path, pixels, self.scene, spec, self.options.compress, self.tags)
             return TileResult(spec, path, "written", frac)
         except rasterio.errors.RasterioError as exc:
@@ -368,7 +382,7 @@ def write_tile(
         profile["crs"] = scene.crs
         profile["transform"] = tile_transform(scene, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as out:
+    with atomic_path(path, fsync=False) as tmp, rasterio.open(tmp, "w", **profile) as out:
         out.write(pixels, 1)
         out.update_tags(**tags)
         if scene.gcps:
