@@ -339,3 +339,46 @@ def test_parent_cycles_are_reported_not_hung(tmp_path):
     out, report = run(recs, task="terrain")
     assert [r["id"] for r in out] == ["c"]
     assert len(report.errors) == 2 and all("cycle" in e for e in report.errors)
+
+
+def test_offline_ground_task_measures_mstar_vehicles_in_metres():
+    """MSTAR chips (0.2 m pixels): one vehicle each, 2S1/T72/ZIL131 are 6.9-9.5 m long."""
+    recs = []
+    for k in (0, 7, 8):  # 2S1, T72, ZIL131
+        chip = sorted(shared("mstar", "train", str(k)).glob("*.jpeg"))[0]
+        recs.append(
+            record(
+                f"mstar/{k}",
+                chip,
+                scale="S",
+                pixel_m=0.2,
+                ground_m=25.6,
+                band="X",
+                polarization="HH",
+                geo=None,
+            )
+        )
+    out, report = run(recs, task="auto")
+    assert report.done == 3
+    for r in out:
+        texts = r["texts"]
+        assert r["caption"]["task"] == "ground"
+        assert texts["Quantity"].startswith("Target count: 1 ")
+        length = float(re.search(r"about ([\d.]+) m long", texts["Size"]).group(1))
+        assert 3.5 <= length <= 10, texts["Size"]
+        assert "vehicle" in texts["Category"]
+        assert "unknown location" in texts["Scene"]
+
+
+def test_offline_ship_counts_agree_with_hrsid_masks():
+    """Across all HRSID chips: the marine Ship count field against the published ship masks."""
+    images = sorted(shared("hrsid_mini", "images").glob("*.jpg"))
+    recs = [record(f"h/{p.stem}", p) for p in images]
+    out, report = run(recs, task="marine", concurrency=2)
+    assert report.done == len(images)
+    errors = []
+    for r, path in zip(out, images, strict=True):
+        said = int(re.match(r"Ship count: (\d+) ", r["texts"]["Quantity"]).group(1))
+        errors.append(abs(said - mask_ships(str(path))))
+    exact = sum(e == 0 for e in errors) / len(errors)
+    assert exact >= 0.6 and sum(errors) / len(errors) <= 1.5, (exact, errors)

@@ -63,7 +63,10 @@ def choose_task(record: dict, path: str, wanted: str) -> tuple[str, str]:
             "marine",
             f"water covers {100 * stats.water_frac:.0f}%, {vessels} vessel-like targets",
         )
-    if stats.ground_m <= 500 and land >= 3 and stats.built_frac < 0.2 and stats.relief < 0.3:
+    small = stats.ground_m <= 200 and land >= 1  # a target chip
+    if (small or (stats.ground_m <= 500 and land >= 3 and stats.relief < 0.3)) and (
+        stats.built_frac < 0.2
+    ):
         return "ground", f"{land} discrete targets on land in {stats.ground_m:.0f} m"
     return "terrain", (
         f"water {100 * stats.water_frac:.0f}%, built-up "

@@ -66,10 +66,12 @@ def vessel_class(t: Target) -> str:
 
 
 def ground_class(t: Target) -> str:
-    if t.length_m < 8:
-        return "car-sized object"
+    if t.length_m < 6:
+        return "car-sized vehicle"
+    if t.length_m < 12:
+        return "truck- or armoured-vehicle-sized object"
     if t.length_m < 20:
-        return "truck-, bus- or small-structure-sized object"
+        return "bus- or large-truck-sized object, or a small structure"
     if t.length_m < 45:
         return "narrow-body-aircraft-sized object or small building"
     if t.length_m < 80:
@@ -536,7 +538,8 @@ class Reading:
             "Background": f"Background: {background} {sure('medium')}",
             "Targets": "Target presence: "
             + (
-                f"{n} discrete bright targets on land stand out from their background (CFAR) "
+                f"{n} discrete bright target{'s' if n > 1 else ''} on land stand"
+                f"{'' if n > 1 else 's'} out from the background (CFAR) "
                 f"{sure('medium')}"
                 if n
                 else f"no discrete targets detected {sure('medium')}"
