@@ -382,3 +382,21 @@ def test_offline_ship_counts_agree_with_hrsid_masks():
         errors.append(abs(said - mask_ships(str(path))))
     exact = sum(e == 0 for e in errors) / len(errors)
     assert exact >= 0.6 and sum(errors) / len(errors) <= 1.5, (exact, errors)
+
+
+def test_offline_reads_a_long_straight_dark_strip_as_runway_not_water(tmp_path):
+    import rasterio
+
+    rng = np.random.default_rng(1)
+    img = rng.gamma(2.0, 40.0, (512, 512))  # open land, grey ~80
+    img[30:480, 240:260] = rng.gamma(4.0, 4.0, (450, 20))  # 900 m x 40 m smooth dark strip
+    path = tmp_path / "strip.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=512, height=512, count=1, dtype="uint8"
+    ) as dst:
+        dst.write(np.clip(img, 1, 255).astype(np.uint8), 1)
+    out, _ = run([record("strip", path, pixel_m=2.0)], task="terrain")
+    texts = out[0]["texts"]
+    assert "dark strip" in texts["Roads"] and "runways" in texts["Roads"]
+    assert texts["Water"].startswith("Water presence: no water body detected")
+    assert "airfield" in texts["Functionality"]

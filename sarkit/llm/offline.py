@@ -41,6 +41,10 @@ def position(row: float, col: float) -> str:
     return "the centre"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def pct(frac: float) -> str:
     return f"{100 * frac:.0f}%" if frac >= 0.01 else "under 1%"
 
@@ -132,6 +136,8 @@ class Reading:
         s = stats
         self.other_dark = max(0.0, s.dark_frac - s.water_frac)
         self.vessels = s.water_targets
+        # runway-sized: at least 800 m long and 25-100 m wide
+        self.runways = [(a, b) for a, b in s.dark_strips if a >= 800 and 25 <= b <= 100]
         self.land_targets = s.land_targets
         self.grid = self._grid()
         self.terrain, self.terrain_conf = self._terrain()
@@ -233,7 +239,7 @@ class Reading:
             if s.built_frac >= 0.05 or len(self.land_targets) >= 10:
                 return "coastal or riverside lowland with built-up land along the water", "medium"
             return "land-water interface (coast, river or lake shore)", "medium"
-        if s.relief >= 0.35 and s.built_frac < 0.1:
+        if s.relief >= 0.35 and s.built_frac < 0.2:
             extra = (
                 " with extensive dark, low-backscatter surfaces (smooth bare ground, ash or "
                 "lava fields, or radar shadow)"
@@ -293,10 +299,22 @@ class Reading:
                     f"vessel-like targets {sure('medium')}"
                 )
             return f"waterfront built-up area {sure('medium')}"
+        if self.runways:
+            return (
+                f"possibly an airfield: {plural(len(self.runways), 'runway-sized dark strip')} "
+                f"{sure('low')}"
+            )
+        if s.water_frac >= 0.15:
+            if nv:
+                return (
+                    f"coastal waters with {plural(nv, 'vessel-like target')} beside open land "
+                    f"{sure('medium')}"
+                )
+            return f"shore between open land and water {sure('medium')}"
         if s.built_frac >= 0.2:
             kind = "planned, grid-like urban district" if self.grid else "urban built-up area"
             return f"{kind} of mixed or undetermined use {sure('medium')}"
-        if self.hilly and s.built_frac < 0.05:
+        if self.hilly and s.built_frac < 0.2:
             return f"natural terrain with no clear human function {sure('medium')}"
         if s.built_frac >= 0.05:
             return f"rural land with scattered settlement {sure('low')}"
@@ -394,25 +412,36 @@ class Reading:
             )
         if s.built_blocks:
             return (
-                f"sparse: only {s.built_blocks} small bright blocks ({pct(s.built_frac)}); "
+                f"sparse: only {plural(s.built_blocks, 'small bright block')} "
+                f"({pct(s.built_frac)}); "
                 f"isolated structures at most {sure('low')}"
             )
         return f"no building-like bright blocks detected {sure('medium')}"
 
     def _roads(self) -> str:
         s = self.s
+        strips = ""
+        if s.dark_strips:
+            sizes = ", ".join(f"{metres(a)} x {metres(b)}" for a, b in s.dark_strips[:4])
+            strips = (
+                f"{plural(len(s.dark_strips), 'long, straight dark strip')} ({sizes}): smooth "
+                f"surfaces such as runways, wide roads or canals {sure('medium')}"
+            )
         if not s.lines:
+            if strips:
+                return strips
             if s.water_frac >= 0.85:
                 return f"none: open water {sure('high')}"
             return f"no clearly visible straight roads or runways {sure('low')}"
         longest = max(length for length, _ in s.lines)
         angles = s.line_orientations()
         dirs = " and ".join(f"{a:.0f} deg" for a in angles) or "several directions"
-        return (
-            f"{len(s.lines)} straight linear features (longest about {metres(longest)}), "
-            f"oriented {dirs}: likely roads, quays, runways or field boundaries "
-            f"{sure('low' if len(s.lines) < 3 else 'medium')}"
+        text = (
+            f"{plural(len(s.lines), 'straight linear feature')} (longest about "
+            f"{metres(longest)}), oriented {dirs}: likely roads, quays, runways or field "
+            f"boundaries {sure('low' if len(s.lines) < 3 else 'medium')}"
         )
+        return f"{strips}; {text}" if strips else text
 
     def _water(self) -> str:
         s = self.s
@@ -434,6 +463,12 @@ class Reading:
                 f"no water body detected; the dark areas ({pct(s.dark_frac)}) vary too much "
                 "in tone to be calm water and are more likely smooth bare ground or radar "
                 f"shadow {sure('medium')}"
+            )
+        if s.dark_strips:
+            return (
+                f"no water body detected; the {plural(len(s.dark_strips), 'dark strip')} "
+                f"{'is' if len(s.dark_strips) == 1 else 'are'} straight-sided, more likely "
+                f"runways or roads than water (a straight canal is possible) {sure('low')}"
             )
         return f"no water body detected {sure('medium')}"
 
