@@ -83,7 +83,8 @@ def mstar_texts(label: int, rng: random.Random) -> dict[str, str]:
 def mstar_records(root: Path, split: str, per_class: int | None, seed: int = 0) -> list[dict]:
     """`per_class` chips of each class from `split` (train/val), with made-up texts."""
     rng = random.Random(seed)
-    rows = [line.split() for line in (root / f"{split}.txt").read_text().splitlines() if line]
+    text = (root / f"{split}.txt").read_text().replace("\\", "/")  # val.txt has Windows separators
+    rows = [line.split() for line in text.splitlines() if line]
     by_class: dict[int, list[str]] = {}
     for rel, label in rows:
         by_class.setdefault(int(label), []).append(rel)

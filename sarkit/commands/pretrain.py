@@ -40,6 +40,10 @@ def command(
         None, "--fields", help="Comma-separated text fields in order (default: the records')."
     ),
     alpha: float = typer.Option(0.4, "--alpha", help="Momentum distillation weight."),
+    momentum: float = typer.Option(
+        0.995, "--momentum", help="EMA factor of the momentum encoders (lower for short runs)."
+    ),
+    pool: str = typer.Option("mean", "--pool", help="ITC features: mean of tokens, or cls."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(
         None,
@@ -60,6 +64,8 @@ def command(
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
+    if pool not in ("mean", "cls"):
+        raise UsageError(f"--pool {pool}: use mean or cls")
     if batch_size < 1 or epochs < 1:
         raise UsageError("--batch-size and --epochs must be at least 1")
     options = PretrainOptions(
@@ -75,6 +81,8 @@ def command(
         fields=tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
         queue_size=queue_size,
         alpha=alpha,
+        momentum=momentum,
+        pool=pool,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
@@ -93,8 +101,11 @@ def command(
         seed=seed,
     )
     if deepspeed:
-        from sarkit.train.engine import import_deepspeed
+        from sarkit.train.engine import DS_PRESETS, import_deepspeed
 
+        if deepspeed not in DS_PRESETS and not Path(deepspeed).is_file():
+            known = ", ".join(DS_PRESETS)
+            raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
         import_deepspeed()
     data = load_all(records, required=("id", "path"))
     run_dir = plugins.get_manager().hook.sarkit_pretrain(records=data, options=options)

@@ -54,6 +54,10 @@ class KnowLIPConfig:
     temp: float = 0.07
     mlm_prob: float = 0.15
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ITC, ITM, MLM
+    # ITC features: "mean" of the tokens, or "cls" (ALBEF/BLIP with BERT-base). The default
+    # text tower, all-MiniLM-L6-v2, was trained as a mean-pooled sentence encoder: its
+    # [CLS] carries little, and neither does a randomly initialised ViT's class token.
+    pool: str = "mean"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,11 +169,13 @@ class KnowLIP(nn.Module):
         return self.vision(images)
 
     def image_feature(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        pooled = pool_image(tokens, self.config.pool, self.vision.num_prefix_tokens)
+        return F.normalize(self.vision_proj(pooled).float(), dim=-1)
 
     def text_feature(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = bert_hidden(self.text, input_ids, attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        pooled = pool_text(hidden, attention_mask, self.config.pool)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def itm_logits(
         self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -364,6 +370,19 @@ class KnowLIP(nn.Module):
         return model
 
 
+def pool_image(tokens: torch.Tensor, pool: str, prefix: int) -> torch.Tensor:
+    """One vector per image: the class token, or the mean of the patch tokens."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """One vector per text: [CLS], or the mean over real tokens (sentence-transformers style)."""
+    if pool == "cls":
+        return hidden[:, 0]
+    w = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -402,6 +421,8 @@ class Momentum(nn.Module):
     def __init__(self, model: KnowLIP, queue_size: int, momentum: float):
         super().__init__()
         self.m = float(momentum)
+        self.pool = model.config.pool
+        self.prefix = model.vision.num_prefix_tokens
         self.vision = copy.deepcopy(model.vision)
         self.vision_proj = copy.deepcopy(model.vision_proj)
         self.text_proj = copy.deepcopy(model.text_proj)
@@ -438,9 +459,12 @@ class Momentum(nn.Module):
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.vision(images)
-        img = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        pooled = pool_image(tokens, self.pool, self.prefix)
+        img = F.normalize(self.vision_proj(pooled).float(), dim=-1)
         hidden = bert_hidden(self.text, input_ids, attention_mask)
-        txt = F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        txt = F.normalize(
+            self.text_proj(pool_text(hidden, attention_mask, self.pool)).float(), dim=-1
+        )
         return img, txt
 
     def queued(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,6 +127,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """torch AdamW, fused where torch has it (on the CPU it is several times faster)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
 def batch_kwargs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return {
         "images": batch["images"].to(device, dtype=dtype, non_blocking=True),
@@ -155,9 +163,7 @@ class PlainEngine:
             self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         else:
             self.model = model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, options.weight_decay), lr=options.lr_start, betas=(0.9, 0.999)
-        )
+        self.optimizer = adamw(param_groups(model, options.weight_decay), options.lr_start)
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
 
     def autocast(self):
@@ -265,7 +271,7 @@ class DeepSpeedEngine:
             optimizer = DeepSpeedCPUAdam(groups, lr=options.lr_start, adamw_mode=True)
             model_parameters = None
         else:
-            optimizer = torch.optim.AdamW(groups, lr=options.lr_start, betas=(0.9, 0.999))
+            optimizer = adamw(groups, options.lr_start)
             model_parameters = None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=model_parameters, config=self.config

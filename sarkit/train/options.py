@@ -28,6 +28,7 @@ class PretrainOptions:
     temp: float = 0.07
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     drop_path: float = 0.0
+    pool: str = "mean"  # ITC features: "mean" or "cls"
     # optimisation (paper defaults)
     epochs: int = 12
     max_steps: int | None = None

@@ -62,6 +62,7 @@ def model_config(options: PretrainOptions, fields: tuple[str, ...]):
         alpha=options.alpha,
         temp=options.temp,
         loss_weights=options.loss_weights,
+        pool=options.pool,
     )
 
 
