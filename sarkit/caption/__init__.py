@@ -26,4 +26,5 @@ class CaptionOptions:
     max_tokens: int = 1200
     temperature: float = 0.2
     image_size: int = 1024
+    record_dirs: list[str] = field(default_factory=list)  #: where relative tile paths may be
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)

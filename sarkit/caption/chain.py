@@ -283,36 +283,34 @@ def _estimate(client: Any, request: Request) -> tuple[int, int]:
     return estimate(request) if estimate else (0, 0)
 
 
-def _resolve_path(record: dict, source: str) -> str:
+def _resolve_path(record: dict, dirs: list[str]) -> str:
     path = Path(str(record.get("path", "")))
-    if not path.is_absolute() and not path.exists() and source not in ("<stdin>", ""):
-        beside = Path(source).parent / path
-        if beside.exists():
-            return str(beside)
+    if not path.is_absolute() and not path.exists():
+        for folder in dirs:
+            if (Path(folder) / path).exists():
+                return str(Path(folder) / path)
     return str(path)
 
 
-def _gather(items: Iterable[Any], report: Report, limit: int | None) -> list[tuple[dict, str]]:
+def _gather(
+    items: Iterable[Any], report: Report, limit: int | None, dirs: list[str]
+) -> list[tuple[dict, str]]:
     seen: set[str] = set()
     out: list[tuple[dict, str]] = []
-    for item in items:
-        record, source, where = (
-            (item.record, item.source, f"{item.source}:{item.line}")
-            if isinstance(item, Located)
-            else (item, "", "record")
-        )
+    for n, item in enumerate(items, start=1):
+        record = item.record if isinstance(item, Located) else item
         rid = record.get("id")
         if not isinstance(rid, str) or not rid:
-            report.error(f"{where}: record has no string 'id'")
+            report.error(f"record {n}: no string 'id'")
             continue
         if "path" not in record:
-            report.error(f"{where} ({rid}): record is missing key 'path'")
+            report.error(f"{rid}: record is missing key 'path'")
             continue
         if rid in seen:
-            report.error(f"{where} ({rid}): duplicate tile id, skipped")
+            report.error(f"{rid}: duplicate tile id, skipped")
             continue
         seen.add(rid)
-        out.append((record, _resolve_path(record, source)))
+        out.append((record, _resolve_path(record, dirs)))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -330,7 +328,7 @@ def caption_records(
     templates = Templates(find_prompts(options.prompts))
     if options.task != "auto":
         templates.task(options.task)
-    records = _gather(items, report, options.limit)
+    records = _gather(items, report, options.limit, list(options.record_dirs))
     try:
         client = backend.connect(model, options)
     except BackendFatal as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from sarkit import plugins
@@ -62,7 +64,11 @@ def command(
     report = Report("caption")
     hook = plugins.get_manager().hook
 
-    def transform(records, report):
+    # relative tile paths are tried against the current folder, then beside each input file
+    options.record_dirs = [str(Path(p).parent) for p in inputs or [] if p != "-"]
+
+    def transform(items, report):
+        records = (item.record for item in items)
         return hook.sarkit_caption(records=records, options=options, report=report) or []
 
     try:
