@@ -214,9 +214,9 @@ class Captioner:
         except BackendFatal:
             raise
         except BackendError as exc:
-            trouble = str(exc)
-            if trouble == "interrupted":
+            if str(exc) == "interrupted":
                 return Outcome("interrupted", stage=stage)
+            trouble = f"request failed: {exc}"
         except Exception as exc:  # one tile's surprise must not stop the others
             trouble = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, OSError) or "rasterio" in type(exc).__module__:
@@ -247,7 +247,7 @@ class Captioner:
             texts = {n: fields[n] for n in task.field_names}
         else:
             status = "failed"
-            if answers:
+            if len(answers) == 2 and trouble.startswith("missing"):
                 trouble = f"answer unusable after one repair request: {trouble}"
             caption["failed"] = trouble
             texts = None
@@ -520,17 +520,11 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                     if results[next_out] is not None:
                         yield results[next_out]
                     next_out += 1
-    except KeyboardInterrupt:
-        # stop at once: requests in flight are abandoned (daemon threads), never journaled
+    except (KeyboardInterrupt, GeneratorExit):
+        # Ctrl-C, or the reader went away: stop at once; requests in flight are abandoned
+        # (daemon threads) and never journaled. The command says how to resume.
         options.stop_event.set()
         pool.shutdown(wait=False)
-        journal = cap.journal
-        where = (
-            f"finished tiles are kept in {journal.path}; rerun the same command to resume"
-            if journal
-            else "nothing was kept: add --journal FILE to make a run resumable"
-        )
-        log.error(f"interrupted after {report.done} of {n} tiles; {where}")
         raise
     finally:
         pool.shutdown(wait=not options.stop_event.is_set())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sarkit import plugins
+from sarkit import log, plugins
 from sarkit.caption import CaptionOptions
 from sarkit.errors import UsageError
 from sarkit.report import Report
@@ -74,5 +74,12 @@ def command(
     try:
         code = run_record_stage(report, inputs, output, transform, required=("id",))
     except KeyboardInterrupt:
+        options.stop_event.set()
+        where = (
+            f"finished tiles are kept in {journal}; rerun the same command to resume"
+            if journal
+            else "nothing was kept: add --journal FILE to make a run resumable"
+        )
+        log.error(f"interrupted after {report.done} captioned tiles; {where}")
         raise typer.Exit(130) from None
     raise typer.Exit(code)
