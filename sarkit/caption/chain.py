@@ -328,7 +328,9 @@ def caption_records(
     templates = Templates(find_prompts(options.prompts))
     if options.task != "auto":
         templates.task(options.task)
-    records = _gather(items, report, options.limit, list(options.record_dirs))
+    # a dry run shows the first --limit prompts but prices the whole input
+    limit = None if options.dry_run else options.limit
+    records = _gather(items, report, limit, list(options.record_dirs))
     try:
         client = backend.connect(model, options)
     except BackendFatal as exc:
@@ -379,19 +381,23 @@ def dry_run(records, options, templates, model, client, report) -> None:
         total_in += tin
         total_out += tout
         if n < shown:
-            log.console.rule(
-                f"{record['id']}  task {task_name} ({why}), stage {stage}, "
-                f"prompt sha256 {prompt.sha256[:12]}"
+            log.console.print(
+                f"=== {record['id']}: task {task_name} ({why}), stage {stage}, "
+                f"prompt sha256 {prompt.sha256}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             log.console.print("[bold]system[/bold]")
-            log.console.print(prompt.system, markup=False, highlight=False)
+            log.console.print(prompt.system, markup=False, highlight=False, soft_wrap=True)
             log.console.print("[bold]user[/bold]")
-            log.console.print(prompt.user, markup=False, highlight=False)
+            log.console.print(prompt.user, markup=False, highlight=False, soft_wrap=True)
             if model.backend != "offline":
                 log.console.print(
                     f"[image: the tile {path} as a PNG data URL, at most "
                     f"{options.image_size} pixels a side]",
                     markup=False,
+                    soft_wrap=True,
                 )
     cost = model.cost(total_in, total_out)
     report.notes["tiles"] = len(records)
