@@ -25,6 +25,8 @@ DARK_MAX = 100.0
 #: target size were set on the 36 HRSID chips (ship count exact on 26, mean error 0.9
 #: ships) and 10 MSTAR chips (one vehicle found on 9): in-sample figures, not a benchmark.
 CFAR_K = 7.0
+#: Grey level treated as saturated (strong scatterers clip at the top of the uint8 range).
+SATURATED = 250
 #: A target spans at least this many pixels (one-pixel speckle spikes are not targets).
 MIN_TARGET_PX = 16
 #: Relief (large-scale brightness change from slopes) is only measured on tiles this wide.
@@ -294,6 +296,11 @@ def _cfar_targets(img: np.ndarray, valid: np.ndarray, water: np.ndarray, px_m: f
     mu = (s_o - s_g) / n
     sigma = np.sqrt(np.maximum((q_o - q_g) / n - mu**2, 1.0))
     hits = valid & (img > mu + CFAR_K * sigma) & (img > 1.5 * mu) & (img > 80)
+    # on a tile whose background is so bright and rough after quantisation that mu + K sigma
+    # lies beyond 255 almost everywhere, saturated pixels well above it still mark targets
+    unreachable = (mu + CFAR_K * sigma > 255) & valid
+    if unreachable.sum() > 0.5 * max(valid.sum(), 1):
+        hits |= unreachable & (img >= SATURATED) & (img > 2.0 * mu)
     # join the bright scatterers of one object (a vehicle is several bright spots at 0.2 m)
     hits = ndi.binary_closing(hits, iterations=max(1, min(4, round(0.6 / px_m))))
     labels, count = ndi.label(hits, structure=np.ones((3, 3)))
