@@ -29,6 +29,7 @@ from sarkit.llm.base import Answer, BackendError, BackendFatal, Model, Request
 from sarkit.records import Located
 from sarkit.report import Report
 
+AUTO_SIDE = 384  #: --task auto reads the tile at most this many pixels a side
 STAGES = {"L": "L", "M": "M", "S": "S", "XS": "S", "XXS": "S"}
 _PENDING = object()
 
@@ -55,21 +56,22 @@ def choose_task(record: dict, path: str, wanted: str) -> tuple[str, str]:
     from sarkit.llm.image import read_gray
     from sarkit.llm.sarstats import analyse
 
-    gray, factor = read_gray(path, 384)
+    gray, factor = read_gray(path, AUTO_SIDE)  # a quick look: a coarser grid than offline's
     stats = analyse(gray, float(record.get("pixel_m") or 1.0) * factor)
+    look = f"quick look at {max(gray.shape)} px: "
     vessels, land = len(stats.water_targets), len(stats.land_targets)
     if stats.water_frac >= 0.85 or (stats.water_frac >= 0.5 and vessels):
         return (
             "marine",
-            f"water covers {100 * stats.water_frac:.0f}%, {vessels} vessel-like targets",
+            f"{look}water covers {100 * stats.water_frac:.0f}%, {vessels} vessel-like targets",
         )
     small = stats.ground_m <= 200 and land >= 1  # a target chip
     if (small or (stats.ground_m <= 500 and land >= 3 and stats.relief < 0.3)) and (
         stats.built_frac < 0.2
     ):
-        return "ground", f"{land} discrete targets on land in {stats.ground_m:.0f} m"
+        return "ground", f"{look}{land} discrete targets on land in {stats.ground_m:.0f} m"
     return "terrain", (
-        f"water {100 * stats.water_frac:.0f}%, built-up "
+        f"{look}water {100 * stats.water_frac:.0f}%, built-up "
         f"{100 * stats.built_frac:.0f}%, {land} targets on land"
     )
 
