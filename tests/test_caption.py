@@ -400,3 +400,22 @@ def test_offline_reads_a_long_straight_dark_strip_as_runway_not_water(tmp_path):
     assert "dark strip" in texts["Roads"] and "runways" in texts["Roads"]
     assert texts["Water"].startswith("Water presence: no water body detected")
     assert "airfield" in texts["Functionality"]
+
+
+def test_pipeline_slice_georef_caption_on_umbra(tmp_path):
+    """The real upstream records: nested L/M tiles with relative paths and geo.place."""
+    scene = shared("scenes", "umbra_yasur", "umbra_mount_yasur.tiff")
+    tiles = sarkit("-q", "slice", scene, "-o", "tiles", "-g", "1000,500", cwd=tmp_path, check=0)
+    geo = sarkit("-q", "georef", input=tiles.stdout, cwd=tmp_path, check=0)
+    (tmp_path / "geo.jsonl").write_text(geo.stdout)
+    out = sarkit("-q", "caption", tmp_path / "geo.jsonl", "-j", "2", check=0)  # other cwd
+    records = [json.loads(x) for x in out.stdout.splitlines()]
+    assert len(records) == len(geo.stdout.splitlines()) >= 3
+    by_id = {r["id"]: r for r in records}
+    for r in records:
+        assert len(r["texts"]) == 8 and all(r["texts"].values())
+        stage = r["caption"]["scale_stage"]
+        assert stage == r["scale"] and r["caption"]["context"] == r["parent"]
+        if r["parent"]:
+            assert by_id[r["parent"]]["scale"] == "L"
+    assert "Tafea, VU" in json.dumps(records[0]["caption"]["layers"])
