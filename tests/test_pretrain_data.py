@@ -98,6 +98,7 @@ def mstar_records(root: Path, split: str, per_class: int | None, seed: int = 0) 
                     "id": f"mstar/{split}/{rel}",
                     "path": str(root / split / rel),
                     "label": label,
+                    "group": MSTAR_CLASSES[label][0],  # a class's texts are interchangeable
                     "texts": mstar_texts(label, rng),
                 }
             )

@@ -26,6 +26,9 @@ def command(
     ),
     text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
     image_size: int = typer.Option(224, "--image-size"),
+    center_crop: float = typer.Option(
+        1.0, "--center-crop", help="Keep this side fraction of each tile (centred) first."
+    ),
     epochs: int = typer.Option(12, "--epochs"),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps."),
     batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
@@ -64,6 +67,8 @@ def command(
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
+    if not 0.0 < center_crop <= 1.0:
+        raise UsageError(f"--center-crop {center_crop}: use a fraction in (0, 1]")
     if pool not in ("mean", "cls"):
         raise UsageError(f"--pool {pool}: use mean or cls")
     if batch_size < 1 or epochs < 1:
@@ -74,6 +79,7 @@ def command(
         vision=vision,
         vision_weights=vision_weights,
         image_size=image_size,
+        center_crop=center_crop,
         text=text,
         text_layers=text_layers,
         embed_dim=embed_dim,

@@ -41,7 +41,14 @@ class KnowLIPConfig:
 
     vision: str = "vit_base_patch16_224"
     image_size: int = 224
+    # pixel normalisation (x - mean) / std of [0, 1] tiles; the trainer measures both on
+    # the training tiles: SAR chips can be mostly dark, and a large common offset drowns
+    # the differences between images at the start of training
+    image_mean: float = 0.5
+    image_std: float = 0.5
+    center_crop: float = 1.0  # side fraction of each tile kept before resizing
     vision_weights: str | None = None
+    vision_args: dict[str, Any] = field(default_factory=dict)  # timm kwargs: depth, patch_size
     drop_path: float = 0.0
     text: str | None = None  # None: the offline all-MiniLM-L6-v2 BERT
     text_layers: int | None = None  # keep only the first N BERT layers (small test configs)
@@ -147,7 +154,11 @@ class KnowLIP(nn.Module):
         super().__init__()
         self.config = config
         self.vision = build_vision(
-            config.vision, config.image_size, config.vision_weights, config.drop_path
+            config.vision,
+            config.image_size,
+            config.vision_weights,
+            config.drop_path,
+            config.vision_args,
         )
         self.vision.reset_classifier(0, global_pool="")  # forward() -> all tokens
         self.text = build_bert(config.text, config.text_layers, True, False, not pretrained_text)
@@ -214,8 +225,16 @@ class KnowLIP(nn.Module):
         mlm_eligible: torch.Tensor | None = None,
         special_ids: Sequence[int] = (),
         mask_id: int = 103,
+        groups: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The losses for one batch; also enqueues the momentum features (call once per step)."""
+        """The losses for one batch; also enqueues the momentum features (call once per step).
+
+        ``groups`` (one integer per sample) marks pairs that describe the same thing (BLIP's
+        ``idx``: several captions of one image, or interchangeable texts): within a group,
+        ITC counts every pair as positive and ITM never draws a hard negative.
+        """
+        if groups is None:
+            groups = _unique_groups(images.shape[0], images.device)
         w_itc, w_itm, w_mlm = self.config.loss_weights
         temp = self.temperature()
         img_tokens = self.image_tokens(images)
@@ -225,12 +244,11 @@ class KnowLIP(nn.Module):
         # ITC with momentum distillation over batch + queue
         with torch.no_grad():
             img_feat_m, txt_feat_m = momentum.features(images, input_ids, attention_mask)
-            q_img, q_txt = momentum.queued()
+            q_img, q_txt, q_group = momentum.queued()
             img_all = torch.cat([img_feat_m, q_img])
             txt_all = torch.cat([txt_feat_m, q_txt])
-            b = images.shape[0]
-            hard = torch.zeros(b, img_all.shape[0], device=images.device)
-            hard[:, :b].fill_diagonal_(1.0)
+            pos = (groups[:, None] == torch.cat([groups, q_group])[None, :]).float()
+            hard = pos / pos.sum(1, keepdim=True)
             t_i2t = alpha * F.softmax(img_feat_m @ txt_all.T / temp, dim=1) + (1 - alpha) * hard
             t_t2i = alpha * F.softmax(txt_feat_m @ img_all.T / temp, dim=1) + (1 - alpha) * hard
         sim_i2t = img_feat @ txt_all.T / temp
@@ -238,9 +256,12 @@ class KnowLIP(nn.Module):
         loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
         loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
         loss_itc = (loss_i2t + loss_t2i) / 2
-        momentum.enqueue(gather(img_feat_m), gather(txt_feat_m))
+        groups_all = gather(groups)
+        momentum.enqueue(gather(img_feat_m), gather(txt_feat_m), groups_all)
 
-        loss_itm = self._itm_loss(img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp)
+        loss_itm = self._itm_loss(
+            img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
+        )
         loss_mlm = self._mlm_loss(
             img_tokens, input_ids, attention_mask, mlm_eligible, special_ids, mask_id
         )
@@ -253,7 +274,9 @@ class KnowLIP(nn.Module):
             "temp": temp.detach().clone(),
         }
 
-    def _itm_loss(self, img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp):
+    def _itm_loss(
+        self, img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
+    ):
         rank, _ = _world()
         b = img_tokens.shape[0]
         ids_pad, mask_pad = pad_width(input_ids, attention_mask, self.pad_id)
@@ -268,12 +291,16 @@ class KnowLIP(nn.Module):
             own = torch.arange(b, device=img_tokens.device) + rank * b
             w_i2t = F.softmax(img_feat @ txt_feat_all.T / temp, dim=1)
             w_t2i = F.softmax(txt_feat @ img_feat_all.T / temp, dim=1)
-            w_i2t[torch.arange(b), own] = 0
-            w_t2i[torch.arange(b), own] = 0
-            w_i2t = torch.nan_to_num(w_i2t) + 1e-12
-            w_t2i = torch.nan_to_num(w_t2i) + 1e-12
-            w_i2t[torch.arange(b), own] = 0
-            w_t2i[torch.arange(b), own] = 0
+            same = groups[:, None] == groups_all[None, :]
+            same[torch.arange(b), own] = True
+            w_i2t = (torch.nan_to_num(w_i2t) + 1e-12).masked_fill(same, 0.0)
+            w_t2i = (torch.nan_to_num(w_t2i) + 1e-12).masked_fill(same, 0.0)
+            # a row whose every other sample shares its group: any other sample will do
+            for w in (w_i2t, w_t2i):
+                empty = w.sum(1) == 0
+                if empty.any():
+                    w[empty] = 1.0
+                    w[torch.arange(b, device=w.device)[empty], own[empty]] = 0.0
             neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
             neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
         width = ids_pad.shape[1]
@@ -370,6 +397,18 @@ class KnowLIP(nn.Module):
         return model
 
 
+def _unique_groups(n: int, device: torch.device) -> torch.Tensor:
+    """Every sample its own group (no duplicates declared): negative ids never reused."""
+    global _GROUP_COUNTER
+    rank, world = _world()
+    start = _GROUP_COUNTER
+    _GROUP_COUNTER += n
+    return -1 - (torch.arange(start, start + n, device=device) * world + rank)
+
+
+_GROUP_COUNTER = 0
+
+
 def pool_image(tokens: torch.Tensor, pool: str, prefix: int) -> torch.Tensor:
     """One vector per image: the class token, or the mean of the patch tokens."""
     return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
@@ -432,6 +471,7 @@ class Momentum(nn.Module):
         d = model.config.embed_dim
         self.register_buffer("image_queue", torch.zeros(queue_size, d))
         self.register_buffer("text_queue", torch.zeros(queue_size, d))
+        self.register_buffer("group_queue", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
@@ -467,21 +507,26 @@ class Momentum(nn.Module):
         )
         return img, txt
 
-    def queued(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def queued(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = int(self.queue_filled)
-        return self.image_queue[:n].clone(), self.text_queue[:n].clone()
+        return (
+            self.image_queue[:n].clone(),
+            self.text_queue[:n].clone(),
+            self.group_queue[:n].clone(),
+        )
 
     @torch.no_grad()
-    def enqueue(self, img_feat: torch.Tensor, txt_feat: torch.Tensor) -> None:
+    def enqueue(self, img_feat: torch.Tensor, txt_feat: torch.Tensor, groups: torch.Tensor) -> None:
         size = self.image_queue.shape[0]
         if size == 0:
             return
-        img_feat, txt_feat = img_feat[-size:], txt_feat[-size:]
+        img_feat, txt_feat, groups = img_feat[-size:], txt_feat[-size:], groups[-size:]
         n = img_feat.shape[0]
         ptr = int(self.queue_ptr)
         idx = (torch.arange(n, device=img_feat.device) + ptr) % size
         self.image_queue[idx] = img_feat.to(self.image_queue.dtype)
         self.text_queue[idx] = txt_feat.to(self.text_queue.dtype)
+        self.group_queue[idx] = groups.to(self.group_queue.device)
         self.queue_ptr.fill_((ptr + n) % size)
         self.queue_filled.fill_(min(size, int(self.queue_filled) + n))
 

@@ -69,9 +69,16 @@ def adapt_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
 
 def build_vision(
-    name: str, image_size: int = 224, weights: str | None = None, drop_path: float = 0.0
+    name: str,
+    image_size: int = 224,
+    weights: str | None = None,
+    drop_path: float = 0.0,
+    model_args: dict | None = None,
 ) -> torch.nn.Module:
-    """A headless 1-channel timm ViT; `weights`: None (random), 'timm' (pretrained), or a file."""
+    """A headless 1-channel timm ViT; `weights`: None (random), 'timm' (pretrained), or a file.
+
+    `model_args` go to timm's constructor (e.g. ``depth``, ``patch_size``, ``embed_dim``).
+    """
     import timm
 
     name = vision_name(name)
@@ -80,6 +87,7 @@ def build_vision(
             f"unknown vision model '{name}' (any timm ViT name, or tiny/small/base/large)"
         )
     kwargs = dict(in_chans=1, num_classes=0, img_size=image_size, drop_path_rate=drop_path)
+    kwargs.update(model_args or {})
     if weights == "timm":
         try:
             return timm.create_model(name, pretrained=True, **kwargs)

@@ -69,9 +69,14 @@ class Augment:
 
 
 def to_tensor(
-    arr: np.ndarray, size: int, augment: Augment | None, rng: np.random.Generator | None
+    arr: np.ndarray,
+    size: int,
+    augment: Augment | None,
+    rng: np.random.Generator | None,
+    mean: float = 0.5,
+    std: float = 0.5,
 ) -> torch.Tensor:
-    """Crop (when augmenting), resize to size x size, flip/rotate; normalise to mean 0."""
+    """Crop (when augmenting), resize to size x size, flip/rotate; (x - mean) / std."""
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
@@ -91,7 +96,7 @@ def to_tensor(
             x = x.flip(-2)
         if augment.rot90:
             x = torch.rot90(x, int(rng.integers(0, 4)), dims=(-2, -1))
-    return ((x[0] - 0.5) / 0.5).contiguous()
+    return ((x[0] - mean) / std).contiguous()
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -104,8 +109,13 @@ class TileDataset(torch.utils.data.Dataset):
         base: Path | None = None,
         augment: Augment | None = None,
         seed: int = 0,
+        mean: float = 0.5,
+        std: float = 0.5,
+        center_crop: float = 1.0,
     ):
         self.records = list(records)
+        self.mean, self.std = float(mean), float(std)
+        self.center_crop = float(center_crop)  # side fraction kept (MSTAR practice: 88/128)
         self.image_size = int(image_size)
         self.base = base
         self.augment = augment
@@ -127,20 +137,50 @@ class TileDataset(torch.utils.data.Dataset):
             raise
         except Exception as exc:
             raise SarkitError(f"{path} (record {rec.get('id')}): unreadable tile: {exc}") from exc
+        if self.center_crop < 1.0:
+            h, w = arr.shape
+            ch, cw = max(1, round(h * self.center_crop)), max(1, round(w * self.center_crop))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[top : top + ch, left : left + cw]
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return to_tensor(arr, self.image_size, self.augment, rng), index
+        return to_tensor(arr, self.image_size, self.augment, rng, self.mean, self.std), index
+
+
+def pixel_stats(
+    records: Sequence[dict], base: Path | None = None, n: int = 256, seed: int = 0
+) -> tuple[float, float]:
+    """Mean and standard deviation of [0, 1] pixels over a fixed sample of `n` tiles."""
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(records))[:n] if len(records) > n else range(len(records))
+    means, variances = [], []
+    for i in pick:
+        arr = read_gray(resolve_path(str(records[int(i)]["path"]), base))
+        means.append(float(arr.mean()))
+        variances.append(float(arr.var()))
+    mean = float(np.mean(means))
+    std = float(np.sqrt(np.mean(variances) + np.var(means)))
+    return mean, max(std, 1e-3)
 
 
 class ImageTextCollate:
     """Stack images and tokenise the records' texts (segment order = codec fields).
 
     A record may name segments to keep out of MLM targets in ``mlm_exclude`` (field names,
-    as SCIO's noise pool does); those tokens are never masked or predicted.
+    as SCIO's noise pool does); those tokens are never masked or predicted. Records with the
+    same ``group`` describe the same thing (BLIP's ``idx``): ITC counts them as positives
+    and ITM draws no hard negative among them.
     """
 
     def __init__(self, records: Sequence[dict], codec: Any):
         self.records = records
         self.codec = codec
+        names = sorted({str(r["group"]) for r in records if r.get("group") is not None})
+        self.group_ids = {name: i for i, name in enumerate(names)}
+
+    def group(self, index: int) -> int:
+        """A record's ``group`` as an integer; a record without one is a group of its own."""
+        name = self.records[index].get("group")
+        return self.group_ids[str(name)] if name is not None else -1 - index
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
         images = torch.stack([b[0] for b in batch])
@@ -160,6 +200,7 @@ class ImageTextCollate:
             "segment_ids": enc.segment_ids,
             "mlm_eligible": eligible,
             "index": index,
+            "groups": torch.tensor([self.group(i) for i in index.tolist()], dtype=torch.long),
         }
 
 

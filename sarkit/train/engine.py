@@ -141,6 +141,7 @@ def batch_kwargs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
         "mlm_eligible": batch["mlm_eligible"].to(device, non_blocking=True),
+        "groups": batch["groups"].to(device, non_blocking=True),
     }
 
 

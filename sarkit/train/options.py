@@ -16,6 +16,7 @@ class PretrainOptions:
     vision: str = "vit_base_patch16_224"
     vision_weights: str | None = None
     image_size: int = 224
+    center_crop: float = 1.0  # keep this side fraction of every tile (MSTAR chips: 88/128)
     text: str | None = None
     text_layers: int | None = None
     embed_dim: int = 256

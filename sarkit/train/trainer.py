@@ -63,6 +63,7 @@ def model_config(options: PretrainOptions, fields: tuple[str, ...]):
         temp=options.temp,
         loss_weights=options.loss_weights,
         pool=options.pool,
+        center_crop=options.center_crop,
     )
 
 
@@ -83,9 +84,12 @@ class Trainer:
 
         from sarkit.model.knowlip import KnowLIP, Momentum
         from sarkit.model.text import TextCodec
+        from sarkit.train.data import pixel_stats
 
+        base = Path(options.records_path).parent if options.records_path else None
         self.fields = choose_fields(records, options.fields)
         self.config = model_config(options, self.fields)
+        self.config.image_mean, self.config.image_std = pixel_stats(records, base)
         self.codec = TextCodec.from_pretrained(options.text, self.fields, options.max_tokens)
         model = KnowLIP(self.config)
         if options.grad_checkpointing:
@@ -98,9 +102,17 @@ class Trainer:
         with self.engine.full_weights() as full:
             self.momentum.copy_from(full)
 
-        base = Path(options.records_path).parent if options.records_path else None
         augment = Augment() if options.augment else None
-        self.dataset = TileDataset(records, options.image_size, base, augment, options.seed)
+        self.dataset = TileDataset(
+            records,
+            options.image_size,
+            base,
+            augment,
+            options.seed,
+            self.config.image_mean,
+            self.config.image_std,
+            options.center_crop,
+        )
         from sarkit.train.data import EpochSampler
 
         self.sampler = EpochSampler(len(records), options.seed, self.rank, self.world)
