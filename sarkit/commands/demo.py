@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -11,28 +12,16 @@ from sarkit import log
 from sarkit.errors import SarkitError
 
 
-def steps(out: Path) -> list[list[str]]:
-    """The pipeline as a user would type it, one stage per step, files between stages."""
-    scene = out / "scene" / "pudong_synthetic.tif"
+def steps(out: Path) -> list[str]:
+    """The pipeline as a user would type it, one stage per line, files between stages."""
+    out = shlex.quote(str(out))  # type: ignore[assignment]
+    scene = f"{out}/scene/pudong_synthetic.tif"
     return [
-        [
-            "slice",
-            str(scene),
-            "-o",
-            str(out / "tiles"),
-            "--ground-size",
-            "1000,500,250",
-            "--records",
-            str(out / "tiles.jsonl"),
-        ],
-        [
-            "georef",
-            str(out / "tiles.jsonl"),
-            "-o",
-            str(out / "geo.jsonl"),
-            "--geojson",
-            str(out / "footprints.geojson"),
-        ],
+        f"slice {scene} -o {out}/tiles --ground-size 1000,500,250 --records {out}/tiles.jsonl",
+        f"georef {out}/tiles.jsonl -o {out}/geo.jsonl --geojson {out}/footprints.geojson",
+        f"filter {out}/geo.jsonl -o {out}/kept.jsonl --report {out}/filter-report.png",
+        f"caption {out}/kept.jsonl -o {out}/captioned.jsonl --llm offline"
+        f" --journal {out}/caption.journal",
     ]
 
 
@@ -48,11 +37,18 @@ def command(
     if not scene.exists():
         log.info(f"synthesising a {size}x{size} SAR scene at Shanghai Pudong -> {scene}")
         make_scene(scene, size=size)
-    for argv in steps(out):
+    for line in steps(out):
+        argv = shlex.split(line)
         log.info(f"\n$ sarkit {shlex.join(argv)}")
         code = run(argv)
         if code != 0:
             raise SarkitError(f"demo step 'sarkit {argv[0]}' failed with exit code {code}")
+    captioned = out / "captioned.jsonl"
+    if captioned.exists():
+        first = json.loads(captioned.read_text().splitlines()[0])
+        log.info(f"\na caption ({first['id']}, {first.get('task', '')} task):")
+        for field, text in first.get("texts", {}).items():
+            log.info(f"  {field}: {text}")
     made = sorted(p for p in out.rglob("*") if p.is_file())
     log.info(f"\nmade {len(made)} files under {out}/, among them:")
     for path in made:
