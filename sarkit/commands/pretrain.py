@@ -36,6 +36,9 @@ def command(
     warmup_steps: int = typer.Option(3000, "--warmup-steps"),
     lr_decay: float = typer.Option(0.9, "--lr-decay", help="Per-epoch factor after warm-up."),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    text_lr_scale: float = typer.Option(
+        1.0, "--text-lr-scale", help="lr factor for the pretrained text tower and decoder."
+    ),
     queue_size: int = typer.Option(20000, "--queue-size"),
     embed_dim: int = typer.Option(256, "--embed-dim"),
     max_tokens: int = typer.Option(256, "--max-tokens"),
@@ -96,6 +99,7 @@ def command(
         warmup_steps=warmup_steps,
         lr_decay=lr_decay,
         weight_decay=weight_decay,
+        text_lr_scale=text_lr_scale,
         precision=precision,
         deepspeed=deepspeed,
         grad_checkpointing=grad_checkpointing,

@@ -13,21 +13,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sarkit.caption.templates import WAVELENGTHS
 from sarkit.llm.base import Answer, BackendError, Model, Request
 from sarkit.llm.sarstats import Target, TileStats
 
 NAME = "offline"
 VERSION = "offline-1"  #: bump when the wording or the measurements change
-
-WAVELENGTHS = {
-    "Ka": "0.8 cm",
-    "Ku": "2 cm",
-    "X": "3 cm",
-    "C": "5.6 cm",
-    "S": "9 cm",
-    "L": "24 cm",
-    "P": "70 cm",
-}
 
 
 def position(row: float, col: float) -> str:

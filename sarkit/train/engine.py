@@ -113,17 +113,30 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' position/class tokens and temperature."""
-    decay, no_decay = [], []
+TEXT_PREFIXES = ("text.", "decoder.")
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, text_lr_scale: float = 1.0
+) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' position/class tokens and temperature;
+    the text tower and decoder (pretrained BERT weights) may learn at a smaller rate
+    (`lr_scale`, which `set_lr` applies), so a random vision tower's early gradients do not
+    wash out what BERT knows."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "temp"))
-        (no_decay if skip else decay).append(p)
+        text = name.startswith(TEXT_PREFIXES)
+        groups.setdefault((skip, text), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if skip else weight_decay,
+            "lr_scale": text_lr_scale if text else 1.0,
+        }
+        for (skip, text), params in sorted(groups.items())
     ]
 
 
@@ -164,7 +177,9 @@ class PlainEngine:
             self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         else:
             self.model = model
-        self.optimizer = adamw(param_groups(model, options.weight_decay), options.lr_start)
+        self.optimizer = adamw(
+            param_groups(model, options.weight_decay, options.text_lr_scale), options.lr_start
+        )
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
 
     def autocast(self):
@@ -174,7 +189,7 @@ class PlainEngine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
@@ -261,7 +276,7 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(options.deepspeed, options)
         zero = self.config.get("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
-        groups = param_groups(model, options.weight_decay)
+        groups = param_groups(model, options.weight_decay, options.text_lr_scale)
         offload = "offload_optimizer" in zero or "offload_param" in zero
         if "optimizer" in self.config:
             optimizer = None
@@ -288,7 +303,7 @@ class DeepSpeedEngine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)

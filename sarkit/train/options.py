@@ -40,6 +40,7 @@ class PretrainOptions:
     warmup_steps: int = 3000
     lr_decay: float = 0.9
     weight_decay: float = 0.05
+    text_lr_scale: float = 1.0  # lr factor for the pretrained text tower and decoder
     # engine
     precision: str = "fp32"  # fp32 | bf16 | fp16
     deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero2-offload | zero3-offload | FILE
