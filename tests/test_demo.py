@@ -17,6 +17,9 @@ def test_demo_runs_the_landed_pipeline(tmp_path):
     assert 0 < len(kept) == len(captioned) <= len(geo)
     assert all(len(r["texts"]) == 8 and all(r["texts"].values()) for r in captioned)
     assert (out / "filter-report.png").stat().st_size > 0
+    run = out / "runs" / "pretrain"
+    assert (run / "metrics.csv").read_text().count("\n") >= 2, "pretraining logged steps"
+    assert (run / "export" / "text" / "config.json").exists()
     # rerunning resumes: tiles are reused, nothing is redone
     again = sarkit("demo", "-o", out, "--size", "1024", check=0)
     assert "reused (already written)" in again.stderr

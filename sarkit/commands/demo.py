@@ -22,6 +22,10 @@ def steps(out: Path) -> list[str]:
         f"filter {out}/geo.jsonl -o {out}/kept.jsonl --report {out}/filter-report.png",
         f"caption {out}/kept.jsonl -o {out}/captioned.jsonl --llm offline"
         f" --journal {out}/caption.journal",
+        f"pretrain {out}/captioned.jsonl -o {out}/runs/pretrain --vision vit_tiny_patch16_224"
+        " --image-size 64 --text-layers 2 --max-tokens 96 --embed-dim 128 --queue-size 256"
+        " --batch-size 8 --epochs 3 --max-steps 20 --warmup-steps 5 --momentum 0.9"
+        " --workers 0 --save-every 10",
     ]
 
 
