@@ -219,3 +219,31 @@ def test_damaged_tile_from_a_crash_is_rewritten(tmp_path):
     assert records(again) == first
     with rasterio.open(damaged) as tile:
         assert tile.read(1).min() >= 1
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scene = write(tmp_path / "big.tif", speckle((2048, 2048)))
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "sarkit", "slice", str(scene), "-o", str(out), "-g", "128",
+           "--records", str(tmp_path / "tiles.jsonl")]  # fmt: skip
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    deadline = time.time() + 60
+    while not list(out.rglob("r*.tif")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt landed")
+    assert proc.returncode == 130
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "tiles.jsonl").exists(), "no half-written record file"
+    assert not list(out.rglob("*.part"))
+    again = sarkit("slice", scene, "-o", out, "-g", "128", check=0)
+    assert len(records(again)) == 32 * 32  # 2 m pixels: 64 px windows
+    assert "reused (already written)" in again.stderr

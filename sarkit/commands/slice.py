@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sarkit import plugins
+from sarkit import log, plugins
 from sarkit.errors import SarkitError, UsageError
 from sarkit.records import RecordWriter
 from sarkit.report import Report
@@ -91,6 +91,20 @@ def command(
 
         sensors.get(sensor)  # an unknown name is a usage error listing the known ones
     report = Report("slice")
+    try:
+        _slice_all(scenes, options, report, records)
+    except KeyboardInterrupt:
+        log.error(
+            f"interrupted after {report.done} new tiles; tiles already written are kept and "
+            "reused: rerun the same command to resume"
+        )
+        raise typer.Exit(130) from None
+    report.notes["scenes"] = len(scenes)
+    report.print_summary()
+    raise typer.Exit(1 if report.failed else 0)
+
+
+def _slice_all(scenes: list[Path], options, report: Report, records: str | None) -> None:
     hook = plugins.get_manager().hook
     with RecordWriter(records) as writer:
         for scene in scenes:
@@ -105,6 +119,3 @@ def command(
             except SarkitError as exc:
                 report.error(str(exc))
                 report.skip("scene not sliced")
-    report.notes["scenes"] = len(scenes)
-    report.print_summary()
-    raise typer.Exit(1 if report.failed else 0)

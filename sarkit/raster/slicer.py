@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import math
+import multiprocessing
+import signal
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,21 @@ class _ThreadDatasets(threading.local):
         return self.ds
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(job: SceneJob, forked: bool = False) -> None:
+    """Each worker (a forked process, or the one thread) keeps the job and its own handle."""
+    if forked:  # Ctrl-C is the parent's to handle: it cancels the pool and says so
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER["job"] = job
+    _WORKER["datasets"] = _ThreadDatasets(job.path, [], threading.Lock())
+
+
+def _work(spec: TileSpec) -> TileResult:
+    return _WORKER["job"].work(spec, _WORKER["datasets"])
+
+
 def slice_scene(scene_path: Path, options: SliceOptions, report: Report) -> Iterator[dict]:
     """Validate the scene and its options at once (errors name the file), then stream tiles."""
     job = SceneJob(Path(scene_path), options, report)
@@ -264,21 +281,33 @@ class SceneJob:
             return TileResult(spec, path, "error", message=gdal_message(exc))
 
     def run(self) -> Iterator[dict]:
-        """Tiles in plan order (parents first), at most 2 x workers in flight (bounded memory)."""
-        opened: list = []
-        datasets = _ThreadDatasets(self.path, opened, threading.Lock())
+        """Tiles in plan order (parents first), at most 2 x workers in flight (bounded memory).
+
+        Several workers are forked processes: the per-tile GeoTIFF open/compress/close path
+        through rasterio holds the GIL much of the time, so threads barely scale."""
         workers = max(self.options.workers, 1)
         pending: collections.deque[tuple[int, Future]] = collections.deque()
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_init_worker,
+                initargs=(self, True),
+            )
+        else:
+            _init_worker(self)
+            pool = ThreadPoolExecutor(max_workers=1)
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with pool:
                 for index, spec in enumerate(self.specs):
-                    pending.append((index, pool.submit(self.work, spec, datasets)))
+                    pending.append((index, pool.submit(_work, spec)))
                     if len(pending) >= 2 * workers:
                         yield from self.finish(*pending.popleft())
                 while pending:
                     yield from self.finish(*pending.popleft())
-        finally:
-            for ds in opened:
+        finally:  # handles opened in this process (forked workers close theirs on exit)
+            datasets = _WORKER.pop("datasets", None)
+            for ds in datasets.opened if datasets else []:
                 ds.close()
 
     def finish(self, index: int, future: Future) -> Iterator[dict]:
