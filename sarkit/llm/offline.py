@@ -48,30 +48,34 @@ def metres(x: float) -> str:
     return f"{x:.0f} m" if x >= 10 else f"{x:.1f} m"
 
 
+#: Size ladders (upper length bound in metres, reading), shortest first.
+VESSEL_SIZES = (
+    (15, "small boat"),
+    (50, "fishing vessel or small craft"),
+    (120, "coaster or medium-sized ship"),
+    (250, "cargo ship or tanker"),
+    (math.inf, "large container ship or tanker"),
+)
+GROUND_SIZES = (
+    (6, "car-sized vehicle"),
+    (12, "truck- or armoured-vehicle-sized object"),
+    (20, "bus- or large-truck-sized object, or a small structure"),
+    (45, "narrow-body-aircraft-sized object or small building"),
+    (80, "wide-body-aircraft-sized object or building"),
+    (math.inf, "large structure such as a hall or storage tank group"),
+)
+
+
+def size_reading(t: Target, ladder: tuple[tuple[float, str], ...]) -> str:
+    return next(name for limit, name in ladder if t.length_m < limit)
+
+
 def vessel_class(t: Target) -> str:
-    if t.length_m < 15:
-        return "small boat"
-    if t.length_m < 50:
-        return "fishing vessel or small craft"
-    if t.length_m < 120:
-        return "coaster or medium-sized ship"
-    if t.length_m < 250:
-        return "cargo ship or tanker"
-    return "large container ship or tanker"
+    return size_reading(t, VESSEL_SIZES)
 
 
 def ground_class(t: Target) -> str:
-    if t.length_m < 6:
-        return "car-sized vehicle"
-    if t.length_m < 12:
-        return "truck- or armoured-vehicle-sized object"
-    if t.length_m < 20:
-        return "bus- or large-truck-sized object, or a small structure"
-    if t.length_m < 45:
-        return "narrow-body-aircraft-sized object or small building"
-    if t.length_m < 80:
-        return "wide-body-aircraft-sized object or building"
-    return "large structure such as a hall or storage tank group"
+    return size_reading(t, GROUND_SIZES)
 
 
 def spread(targets: list[Target]) -> str:
