@@ -10,6 +10,7 @@ close to its threshold: the kNN decides). Register filters with the
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ PASS = "pass"
 UNSURE = "unsure"
 
 
-class QualityFilter:
+class QualityFilter(abc.ABC):
     """Base class for a tile filter; ``name`` is also the drop reason it reports.
 
     ``knn_features`` names the features this filter adds that the kNN should use too.
@@ -41,9 +42,9 @@ class QualityFilter:
         """Extra features from the pixels (``sarkit.quality.features.Tile``); none by default."""
         return {}
 
+    @abc.abstractmethod
     def verdict(self, quality: dict[str, Any], options: FilterOptions) -> str:
-        """FAIL, PASS or UNSURE for a tile with these features."""
-        raise NotImplementedError
+        """FAIL, PASS or UNSURE for a tile with these features (every filter must say)."""
 
 
 @dataclass(frozen=True)
