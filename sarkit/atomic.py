@@ -42,15 +42,17 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+def atomic_open(
+    path: str | os.PathLike, mode: str = "w", fsync: bool = True, **kwargs
+) -> Iterator[IO]:
     """Open a temporary file for writing that replaces `path` only when the block succeeds."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+    with atomic_path(path, fsync) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
         fh.flush()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as fh:
+def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, "wb", fsync) as fh:
         fh.write(data)
 
 

