@@ -86,3 +86,49 @@ def test_zero2_and_zero3_match_ddp(tmp_path):
     assert diff / norm < 1e-3
     # an Adam step moves a weight by about lr, so two runs cannot differ by much more
     assert biggest < 4 * 1e-4 * STEPS
+
+
+def test_deepspeed_resume_continues_exactly_and_reads_safely(tmp_path, cli):
+    """One-process ZeRO-2: stopped after 3 steps and resumed, the losses equal an
+    uninterrupted run's; DeepSpeed's own files are read with weights_only=True, so a
+    checkpoint file carrying a pickled object is refused, not run."""
+    records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 2)[:24])
+    common = [*TINY, "--workers", "0", "--deepspeed", "zero2", "--save-every", "3"]
+    env = {"DS_ACCELERATOR": "cpu"}
+    full, split = tmp_path / "full", tmp_path / "split"
+    cli("pretrain", records, "-o", full, *common, "--max-steps", "6", env=env, check=0)
+    cli("pretrain", records, "-o", split, *common, "--max-steps", "3", env=env, check=0)
+    proc = cli("pretrain", records, "-o", split, *common, "--max-steps", "6",
+               "--resume", "latest", env=env, check=0)  # fmt: skip
+    assert "resumed from" in proc.stderr
+
+    def rows(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    a, b = rows(full), rows(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    for key in ("loss", "itc", "itm", "mlm", "lr", "temp"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+    # a doctored DeepSpeed file: a pickle that would call a function when unpickled
+    import torch
+
+    step3 = split / "checkpoints" / "step-00000003"
+    victim = next(step3.rglob("mp_rank_00_model_states.pt"))
+    marker = tmp_path / "ran"
+    torch.save({"module": Sneaky(str(marker))}, victim)
+    proc = cli("pretrain", records, "-o", tmp_path / "again", *common, "--max-steps", "4",
+               "--resume", str(step3), env=env, check=1)  # fmt: skip
+    assert not marker.exists()
+    assert "not read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class Sneaky:
+    """Unpickling this object would create the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -266,6 +266,56 @@ def deepspeed_config(spec: str, options: Any) -> dict:
     return config
 
 
+# What DeepSpeed's own checkpoint files hold beyond tensors, numbers and containers
+DS_CHECKPOINT_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+def _ds_types() -> list:
+    import importlib
+
+    found = []
+    for dotted in DS_CHECKPOINT_TYPES:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def safe_checkpoint_reads(engine: Any) -> None:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``.
+
+    Its stock reader unpickles them whole (``weights_only=False``), so a doctored file in a
+    run folder would run code on resume. The safe reader builds tensors, numbers, strings,
+    containers and the few DeepSpeed bookkeeping types it writes itself
+    (``DS_CHECKPOINT_TYPES``); anything else is refused with an error.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    stock = getattr(engine, "checkpoint_engine", None)
+    if type(stock) is not TorchCheckpointEngine:  # another engine the user configured
+        return
+    allowed = _ds_types()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+            why = lines[0] if lines else type(exc).__name__
+            message = f"{path}: not read: holds more than tensors and values ({why})"
+            raise SarkitError(message) from None
+
+    stock.load = load
+
+
 class DeepSpeedEngine:
     """deepspeed.initialize with a torch AdamW (no fused_adam JIT) unless it offloads."""
 
@@ -294,6 +344,7 @@ class DeepSpeedEngine:
         )
         self.module = self.engine.module
         self.device = device
+        safe_checkpoint_reads(self.engine)
         if self.config.get("bf16", {}).get("enabled"):
             self.dtype = torch.bfloat16
         elif self.config.get("fp16", {}).get("enabled"):
