@@ -5,7 +5,7 @@ written from its class (see test_pretrain_data); the central 88 x 88 of each 128
 (the usual MSTAR crop) resized to 64. Held out: 20 chips per class from the
 test split (15 deg). Retrieval counts a hit when the top-ranked item shows the same class
 (the texts of one class differ only in wording), so chance is the sum of squared class
-shares (0.1 here). The losses must fall on
+shares (0.1 here); R@1 must reach 3x chance both ways. The losses must fall on
 the held-out pairs: the trained model against the same model as initialised (same seed),
 scored with the same masks and negatives and no distillation.
 """
@@ -20,13 +20,18 @@ from test_pretrain_data import mstar_records, write_jsonl
 
 LEARN = [
     "--vision", "vit_tiny_patch16_224", "--image-size", "64", "--center-crop", "0.6875",
-    "--text-layers", "2",
+    "--text-layers", "1", "--no-augment",
     "--max-tokens", "32", "--embed-dim", "128", "--queue-size", "256", "--batch-size", "32",
     "--lr", "1e-3", "--text-lr-scale", "0.1", "--warmup-steps", "10", "--momentum", "0.9",
     "--log-every", "5",
     "--workers", "1", "--save-every", "0",
 ]  # fmt: skip
-STEPS = 200
+# A ViT from random init learns MSTAR slowly: with the default augmentation (crops down to
+# half the area, flips, turns) even supervised training of this ViT sat at chance after 200
+# steps here, and so did this pretraining. Without it, 300 steps of 32 (3.5 epochs, about
+# 5 CPU minutes) give held-out R@1 (image->text, text->image) of (0.615, 0.805) with this
+# seed, and (0.39, 0.575) and (0.425, 0.575) with seeds 7 and 3 (chance 0.1).
+STEPS = 300
 
 
 def held_out_losses(model, images, enc, codec, seed: int = 0) -> dict[str, float]:
@@ -87,12 +92,7 @@ def test_pretraining_learns_on_mstar(tmp_path, cli):
     r = evaluate(run, held)
     print(f"held-out R@1 image->text {r['i2t']:.3f}, text->image {r['t2i']:.3f}, "
           f"chance {r['chance']:.3f}; losses before {r['before']} after {r['after']}")  # fmt: skip
-    # What is asserted is what this CPU budget reliably shows: the three losses fall on
-    # held-out pairs. Held-out retrieval is printed, not asserted: three runs of this exact
-    # test gave R@1 (image->text, text->image) of (0.155, 0.300), (0.115, 0.090) and
-    # (0.125, 0.220) against chance 0.100 -- not the issue's 3x chance, and too noisy at
-    # 200 steps to assert even 1x (see the note of issue 6).
-    assert 0.0 <= r["i2t"] <= 1.0 and 0.0 <= r["t2i"] <= 1.0
+    assert r["i2t"] >= 3 * r["chance"] and r["t2i"] >= 3 * r["chance"], r
     for key in ("itc", "itm", "mlm"):
         assert r["after"][key] < r["before"][key], key
 
