@@ -11,6 +11,16 @@ Both loops train the same model (same seed) on the same batches in this one proc
 Overhead = bare samples/s / trainer samples/s - 1 (target <= 10%). The first 2 steps of
 each loop are warm-up and not counted. Load average is printed: on a shared machine the
 figures move with it.
+
+    .venv/bin/python bench/pretrain.py --mfu --device cuda --precision bf16 --configs base-bert
+
+  --mfu    pairs/s and model FLOPs utilisation of the bare loop on synthetic batches (the
+           data pipeline is the trainer's business, measured above). FLOPs are counted by
+           torch's FlopCounterMode over one whole step (online and momentum towers, ITC,
+           ITM on 3x the batch, MLM, backward), so MFU = counted FLOPs x steps/s / peak.
+           Peak: --peak-tflops, else the dense bf16 figure of a known GPU (H100/H200 989,
+           A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped text tower (12 layers,
+           768 wide; random init, as no weights download here).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ CONFIGS = {
     # name: vision, image size, text layers (None = all 6 of MiniLM), max tokens, batch
     "tiny": ("vit_tiny_patch16_224", 224, None, 128, 16),
     "base": ("vit_base_patch16_224", 224, None, 128, 8),
+    "base-bert": ("vit_base_patch16_224", 224, None, 128, 32),
 }
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def records(n: int) -> list[dict]:
@@ -45,15 +57,103 @@ def records(n: int) -> list[dict]:
     return recs[:n]
 
 
-def options(name: str, out: Path, steps: int, workers: int):
+def options(name: str, out: Path, steps: int, workers: int, text: str | None = None):
     from sarkit.train.options import PretrainOptions
 
     vision, size, layers, tokens, batch = CONFIGS[name]
     return PretrainOptions(
         output=out, vision=vision, image_size=size, text_layers=layers, max_tokens=tokens,
         batch_size=batch, epochs=1, max_steps=steps, log_every=1, save_every=0,
-        workers=workers, queue_size=20000, warmup_steps=3000,
+        workers=workers, queue_size=20000, warmup_steps=3000, text=text,
     )  # fmt: skip
+
+
+def bert_base_folder(folder: Path) -> str:
+    """A BERT-base config (transformers' defaults are bert-base-uncased's shape) beside the
+    offline MiniLM tokenizer, which has the same uncased vocabulary."""
+    import shutil
+
+    from transformers import BertConfig
+
+    from sarkit.model.text import resolve_text_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig().save_pretrained(folder)
+    src = Path(resolve_text_path(None))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):  # fmt: skip
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return str(folder)
+
+
+def mfu(
+    name: str,
+    steps: int,
+    device: str,
+    precision: str,
+    peak: float | None,
+    tmp: Path,
+    batch: int | None = None,
+):
+    """(pairs/s, counted TFLOPs per step, MFU or None) of the bare loop on synthetic data."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sarkit.model.knowlip import KnowLIP, Momentum
+    from sarkit.model.text import TextCodec
+    from sarkit.train.engine import adamw, param_groups
+    from sarkit.train.trainer import model_config
+
+    text = bert_base_folder(tmp / "bert-base") if name == "base-bert" else None
+    opts = options(name, tmp / "run", steps, 0, text)
+    opts.batch_size = batch or opts.batch_size
+    fields = ("Terrain", "Functionality", "Distribution", "Layout", "Boundary", "Buildings",
+              "Roads", "Water")  # fmt: skip
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = KnowLIP(model_config(opts, fields), pretrained_text=text is None).to(dev)
+    momentum = Momentum(model, opts.queue_size, opts.momentum)
+    momentum.copy_from(model)
+    optimizer = adamw(param_groups(model, opts.weight_decay), 1e-4)
+    codec = TextCodec.from_pretrained(text, fields, opts.max_tokens)
+    b = opts.batch_size
+    words = "bright ships moor along the quay beside dark calm water and a long runway".split()
+    texts = [{f: " ".join(random.choices(words, k=24)) for f in fields} for _ in range(b)]
+    enc = codec.encode(texts)
+    ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
+    images = torch.randn(b, 1, opts.image_size, opts.image_size, device=dev)
+    tok = codec.tokenizer
+    special = [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step() -> None:
+        momentum.update(model)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images, ids, mask, momentum, 0.4, None, special, tok.mask_token_id)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    per_step = (time.perf_counter() - start) / steps
+    if peak is None and dev.type == "cuda":
+        gpu = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    util = flops / per_step / (peak * 1e12) if peak else None
+    return b / per_step, flops / 1e12, util
 
 
 def bare(recs: list[dict], opts) -> list[float]:
@@ -104,11 +204,30 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,base")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--mfu", action="store_true", help="pairs/s and MFU of the bare loop")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--peak-tflops", type=float, help="the device's dense peak for MFU")
+    ap.add_argument("--batch", type=int, help="--mfu: batch size instead of the config's")
     args = ap.parse_args()
     from sarkit import log
 
     log.configure(quiet=True)
     random.seed(0)
+    if args.mfu:
+        name_dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+        print(f"torch {torch.__version__}, {name_dev}, {args.precision}, image 224, "
+              f"max tokens 128, {args.steps} timed steps after 3 untimed")  # fmt: skip
+        print("| config | batch | pairs/s | TFLOPs per step (counted) | MFU |")
+        print("|---|---|---|---|---|")
+        for name in args.configs.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                pairs, tflops, util = mfu(name, args.steps, args.device, args.precision,
+                                          args.peak_tflops, Path(tmp), args.batch)  # fmt: skip
+            shown = f"{util * 100:.1f}%" if util is not None else "n/a (no --peak-tflops)"
+            batch = args.batch or CONFIGS[name][4]
+            print(f"| {name} | {batch} | {pairs:.1f} | {tflops:.2f} | {shown} |")
+        return
     rows = []
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
