@@ -51,8 +51,8 @@ def atomic_open(
         fh.flush()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
-    with atomic_open(path, "wb", fsync) as fh:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
         fh.write(data)
 
 

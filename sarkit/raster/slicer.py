@@ -228,7 +228,7 @@ class SceneJob:
             "POLARIZATION": self.polarization or "",
             "SARKIT_QUANTISER": self.quantiser.name,
         }
-        # GCP-georeferenced tiles (and LZW) are written through a GDAL dataset each
+        # GCP-georeferenced tiles, deflate and LZW are written through a GDAL dataset each
         largest = max((s.width * s.height for s in self.specs), default=0)
         self.encoder = (
             TileEncoder(scene.crs, NODATA_OUT, self.tags, options.compress)
@@ -300,8 +300,9 @@ class SceneJob:
     def run(self) -> Iterator[dict]:
         """Tiles in plan order (parents first), at most 2 x workers in flight (bounded memory).
 
-        Several workers are forked processes: the per-tile GeoTIFF open/compress/close path
-        through rasterio holds the GIL much of the time, so threads barely scale."""
+        Several workers are forked processes: the per-tile Python work (lookup table,
+        encoding, and the GDAL write path where it is used) holds the GIL much of the time,
+        so threads barely scale."""
         workers = max(self.options.workers, 1)
         pending: collections.deque[tuple[int, Future]] = collections.deque()
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():

@@ -140,6 +140,12 @@ def param_groups(
     ]
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr for every group, times the group's `lr_scale` (see param_groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """torch AdamW, fused where torch has it (on the CPU it is several times faster)."""
     try:
@@ -188,8 +194,7 @@ class PlainEngine:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.optimizer, lr)
 
     def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
@@ -353,8 +358,7 @@ class DeepSpeedEngine:
             self.dtype = torch.float32
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.optimizer, lr)
 
     def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
