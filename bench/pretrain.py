@@ -18,9 +18,9 @@ figures move with it.
            data pipeline is the trainer's business, measured above). FLOPs are counted by
            torch's FlopCounterMode over one whole step (online and momentum towers, ITC,
            ITM on 3x the batch, MLM, backward), so MFU = counted FLOPs x steps/s / peak.
-           Peak: --peak-tflops, else the dense bf16 figure of a known GPU (H100/H200 989,
-           A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped text tower (12 layers,
-           768 wide; random init, as no weights download here).
+           Peak: --peak-tflops, else (bf16/fp16 only) the dense 16-bit figure of a known
+           GPU (H100/H200 989, A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped
+           text tower (12 layers, 768 wide; random init, as no weights download here).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def mfu(
         step()
     sync()
     per_step = (time.perf_counter() - start) / steps
-    if peak is None and dev.type == "cuda":
+    if peak is None and dev.type == "cuda" and dtype is not None:  # the table is 16-bit peaks
         gpu = torch.cuda.get_device_name(dev)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     util = flops / per_step / (peak * 1e12) if peak else None
