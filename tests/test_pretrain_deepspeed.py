@@ -16,7 +16,6 @@ gathered) moves the losses by percents from the third step on.
 
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import sys
 
 import pytest
 from conftest import shared
-from test_pretrain import TINY
+from test_pretrain import TINY, rows
 from test_pretrain_data import mstar_records, write_jsonl
 
 pytest.importorskip("deepspeed")
@@ -47,8 +46,7 @@ def run2(records, out, *extra) -> list[dict]:
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
-    with open(out / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
+    return rows(out)
 
 
 def test_zero2_and_zero3_match_ddp(tmp_path):
@@ -57,9 +55,9 @@ def test_zero2_and_zero3_match_ddp(tmp_path):
     assert len(ddp) == STEPS
     runs = {stage: run2(records, tmp_path / stage, "--deepspeed", stage)
             for stage in ("zero2", "zero3")}  # fmt: skip
-    for stage, rows in runs.items():
-        assert [r["step"] for r in rows] == [r["step"] for r in ddp]
-        for a, b in zip(ddp, rows, strict=True):
+    for stage, got in runs.items():
+        assert [r["step"] for r in got] == [r["step"] for r in ddp]
+        for a, b in zip(ddp, got, strict=True):
             rtol = 1e-5 if int(a["step"]) <= 2 else 2e-3
             for key in ("loss", "itc", "itm", "mlm", "temp"):
                 x, y = float(a[key]), float(b[key])
@@ -102,10 +100,6 @@ def test_deepspeed_resume_continues_exactly_and_reads_safely(tmp_path, cli):
                "--resume", "latest", env=env, check=0)  # fmt: skip
     assert "resumed from" in proc.stderr
 
-    def rows(run):
-        with open(run / "metrics.csv", newline="") as fh:
-            return list(csv.DictReader(fh))
-
     a, b = rows(full), rows(split)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [str(i) for i in range(1, 7)]
     for key in ("loss", "itc", "itm", "mlm", "lr", "temp"):
@@ -147,10 +141,7 @@ def test_zero3_offload_matches_plain_pytorch(tmp_path, cli):
         env={"DS_ACCELERATOR": "cpu"}, check=0)  # fmt: skip
     for run in ("plain", "offload"):
         assert (tmp_path / run / "model.safetensors").exists()
-    with open(tmp_path / "plain" / "metrics.csv", newline="") as fh:
-        plain = list(csv.DictReader(fh))
-    with open(tmp_path / "offload" / "metrics.csv", newline="") as fh:
-        offload = list(csv.DictReader(fh))
+    plain, offload = rows(tmp_path / "plain"), rows(tmp_path / "offload")
     assert len(plain) == len(offload) == 3
     for a, b in zip(plain, offload, strict=True):
         rtol = 1e-5 if a["step"] == "1" else 2e-3
