@@ -1,5 +1,6 @@
 import io
 import json
+import os
 
 import pytest
 
@@ -53,3 +54,23 @@ def test_streaming_is_lazy(tmp_path):
     stream = read_records([str(path)])
     assert next(stream).record == {"id": "r0"}
     stream.close()
+
+
+def test_chunks_are_written_atomically_with_the_umask(tmp_path):
+    from sarkit.atomic import write_chunks
+
+    target = tmp_path / "new" / "dir" / "tile.tif"
+    write_chunks(target, [b"II*\0", b"x" * 10, b""])
+    assert target.read_bytes() == b"II*\0" + b"x" * 10
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def broken():
+        yield b"half"
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        write_chunks(target, broken())
+    assert target.read_bytes() == b"II*\0" + b"x" * 10  # the old file is untouched
+    assert [p.name for p in target.parent.iterdir()] == ["tile.tif"]  # no temp left
