@@ -98,3 +98,27 @@ def test_lookup_table_is_exact_for_16_bit_integers():
     direct = q.apply(to_amplitude(raw, "amplitude"), params, valid)
     fast = apply_lut(raw, build_lut(q, params, "int16", "amplitude"), valid)
     assert np.array_equal(direct, fast)
+
+
+def test_screening_table_zeroes_exactly_the_possible_nodata():
+    from sarkit.raster.quantise import build_lut, lut_index, screening_lut
+
+    q = LogPercentile()
+    raw = speckle(10_000, seed=4)
+    lut = build_lut(q, q.fit(raw), "float32", "amplitude")
+    screen = screening_lut(lut, "float32", [0.0])
+    clean = np.take(screen, lut_index(raw))
+    assert clean.all() and np.array_equal(clean, np.take(lut, lut_index(raw)))
+    odd = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 0.5], np.float32)
+    assert np.take(screen, lut_index(odd)).tolist()[:5] == [0, 0, 0, 0, 0]
+    assert np.take(screen, lut_index(odd))[5] > 0
+    # a tagged nodata value is screened; 0 then is a (dark) valid pixel
+    tagged = screening_lut(lut, "float32", [-9999.0])
+    assert np.take(tagged, lut_index(np.array([-9999.0, 0.0], np.float32))).tolist() == [0, 1]
+    ints = build_lut(q, q.fit(raw * 100), "int16", "amplitude")
+    screened = screening_lut(ints, "int16", [-9999.0, 0.5])  # 0.5 no int16 can hold
+    values = np.array([-9999, 0, 7], np.int16)
+    assert np.take(screened, lut_index(values)).tolist() == [
+        0,
+        *np.take(ints, lut_index(values))[1:],
+    ]

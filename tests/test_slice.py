@@ -247,3 +247,33 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
     again = sarkit("slice", scene, "-o", out, "-g", "128", check=0)
     assert len(records(again)) == 32 * 32  # 2 m pixels: 64 px windows
     assert "reused (already written)" in again.stderr
+
+
+def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
+    """Whole tiles skip the validity mask when the screening table finds no possible
+    nodata; tiles with zeros or NaN take the exact path. Both must give the same bytes."""
+    from sarkit.raster.quantise import NODATA_OUT, lut_index
+    from sarkit.raster.scene import valid_mask
+    from sarkit.raster.slicer import SceneJob, SliceOptions
+    from sarkit.report import Report
+
+    data = speckle((64, 64), seed=5)
+    data[3, 3] = 0.0  # an isolated zero: dark speckle, valid
+    data[10, 50] = np.nan
+    data[40:, :24] = 0.0  # a zero-filled corner: nodata
+    path = write(tmp_path / "s.tif", data)
+    options = SliceOptions(out_dir=tmp_path / "t", ground_sizes=[64.0], max_nodata=1.0)
+    job = SceneJob(path, options, Report("slice"))
+    seen = set()
+    for r0 in (0, 32):
+        for c0 in (0, 32):
+            values = data[r0 : r0 + 32, c0 : c0 + 32].copy()
+            pixels, frac = job.quantise(values, None)
+            valid = valid_mask(values, 0.0, zero_runs=True)
+            expected = np.take(job.lut, lut_index(values))
+            expected[~valid] = NODATA_OUT
+            assert np.array_equal(pixels, expected)
+            assert frac == pytest.approx(1 - valid.mean())
+            seen.add(round(frac, 4))
+    assert seen == {0.0, round(1 / 1024, 4), round(24 * 24 / 1024, 4)}
+    assert job.quantise(data[:32, :32].copy(), None)[0][3, 3] > 0

@@ -8,6 +8,7 @@ to 1..255.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +65,12 @@ class LogPercentile:
         positive = amplitude[amplitude > 0]
         if positive.size == 0:
             return {"lo": 0.0, "hi": 1.0}
-        logs = np.log(positive.astype(np.float64))
-        lo, hi = np.percentile(logs, [self.low, self.high])
-        return {"lo": float(lo), "hi": float(max(hi, lo + 1e-6))}
+        # the log is monotonic: percentiles of the amplitude, then their logs (no pass of
+        # logs over the whole sample; interpolating between two neighbouring samples in
+        # amplitude rather than log differs by far less than one output level)
+        a_lo, a_hi = np.percentile(positive, [self.low, self.high])
+        lo, hi = math.log(a_lo), math.log(a_hi)
+        return {"lo": lo, "hi": max(hi, lo + 1e-6)}
 
     def apply(self, amplitude: np.ndarray, params: dict, valid: np.ndarray | None) -> np.ndarray:
         tiny = np.float32(np.exp(params["lo"]) * 1e-3 + 1e-30)
@@ -158,18 +162,45 @@ def build_lut(quantiser, params: dict, dtype: str, radiometry: str) -> np.ndarra
         return quantiser.apply(to_amplitude(domain, radiometry), params, None)
 
 
-def apply_lut(values: np.ndarray, lut: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Each pixel's table entry, 0 where not valid.
-
-    np.take over an intp index is the fastest gather numpy has (fancy indexing with a
-    uint32 index is about 1.3x slower), and most tiles are all valid.
-    """
+def lut_index(values: np.ndarray) -> np.ndarray:
+    """Each pixel's position in its table (see build_lut), as intp: np.take over an intp
+    index is the fastest gather numpy has (a uint32 index is about 1.3x slower)."""
     if values.dtype == np.float32:
         index = values.view(np.uint32) >> np.uint32(FLOAT_SHIFT)
     else:
         info = np.iinfo(values.dtype)
         index = values.astype(np.int32) - info.min if info.min else values
-    out = np.take(lut, index.astype(np.intp))
+    return index.astype(np.intp)
+
+
+def apply_lut(values: np.ndarray, lut: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each pixel's table entry, 0 where not valid."""
+    out = np.take(lut, lut_index(values))
     if not valid.all():
         out[~valid] = NODATA_OUT
     return out
+
+
+def screening_lut(lut: np.ndarray, dtype: str, nodata: list[float]) -> np.ndarray:
+    """The table with 0 at every entry a nodata pixel could fall in (the `nodata` values;
+    NaN and infinities for floats).
+
+    Valid pixels map to 1..255, so a tile gathered through it with no 0 holds no nodata at
+    all and needs no validity mask: most tiles of a scene skip the mask's passes over the
+    raw pixels; the rest (borders, tiles with zeros) get the exact mask.
+    """
+    screen = lut.copy()
+    kind = np.dtype(dtype)
+    if kind == np.float32:
+        codes = np.arange(lut.size, dtype=np.uint32) << np.uint32(FLOAT_SHIFT)
+        screen[(codes & np.uint32(0x7F800000)) == np.uint32(0x7F800000)] = NODATA_OUT
+        for value in nodata:
+            for signed in (value, -value) if value == 0 else (value,):  # 0 == -0 too
+                code = np.array([signed], np.float32).view(np.uint32)[0] >> FLOAT_SHIFT
+                screen[code] = NODATA_OUT
+    else:
+        info = np.iinfo(kind)
+        for value in nodata:
+            if float(value).is_integer() and info.min <= value <= info.max:
+                screen[int(value) - info.min] = NODATA_OUT
+    return screen

@@ -10,8 +10,10 @@ tiles already written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -27,10 +29,17 @@ from rasterio.control import GroundControlPoint
 from rasterio.windows import Window
 
 from sarkit import sensors
-from sarkit.atomic import atomic_open, atomic_path
+from sarkit.atomic import atomic_path, write_chunks
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
-from sarkit.raster.quantise import NODATA_OUT, apply_lut, build_lut, to_amplitude
+from sarkit.raster.prefetch import BlockIndex, Prefetcher, advise
+from sarkit.raster.quantise import (
+    NODATA_OUT,
+    build_lut,
+    lut_index,
+    screening_lut,
+    to_amplitude,
+)
 from sarkit.raster.scene import (
     Scene,
     gdal_message,
@@ -82,6 +91,12 @@ class NodataRule:
     def mask(self, values: np.ndarray) -> np.ndarray:
         return valid_mask(values, self.value, self.zero_runs)
 
+    def candidates(self) -> list[float]:
+        """Values that may be nodata (besides NaN): where the exact mask must look."""
+        if self.zero_runs:
+            return [0.0]
+        return [] if self.value is None else [self.value]
+
 
 def parse_nodata(value: str, scene: Scene) -> NodataRule:
     """auto: the tag, else zero-filled borders (zeros filling a small square; geocoded
@@ -130,13 +145,24 @@ def tile_sizes(scene: Scene, options: SliceOptions, pixel_m: tuple[float, float]
     return sizes
 
 
-def fit_quantiser(ds, band: int, nodata: NodataRule, radiometry: str, quantiser) -> dict[str, Any]:
+def fit_quantiser(
+    ds, band: int, nodata: NodataRule, radiometry: str, quantiser, blocks: BlockIndex | None = None
+) -> dict[str, Any]:
     """Scene-level parameters from a sparse sample of whole blocks (not per tile, so
     neighbouring tiles agree)."""
     block = ds.block_shapes[band - 1][1] if ds.block_shapes else 256
     block = min(max(block, 128), 1024)
+    windows = sample_windows(ds.width, ds.height, STATS_SAMPLE_PIXELS, block)
+    if blocks is not None:  # all the sample's reads in flight at once, not one by one
+        with contextlib.suppress(OSError):
+            fd = os.open(ds.name, os.O_RDONLY)
+            try:
+                for w in windows:
+                    advise(fd, blocks.ranges(w.col_off, w.row_off, w.width, w.height))
+            finally:
+                os.close(fd)
     pieces = []
-    for window in sample_windows(ds.width, ds.height, STATS_SAMPLE_PIXELS, block):
+    for window in windows:
         values = ds.read(band, window=window)
         pieces.append(to_amplitude(values[nodata.mask(values)], radiometry))
     sample = np.concatenate(pieces) if pieces else np.empty(0, np.float32)
@@ -210,12 +236,18 @@ class SceneJob:
             raise UsageError(f"--compress must be one of {', '.join(COMPRESSIONS)}")
         try:
             with rasterio.open(path) as ds:
+                self.blocks = BlockIndex.read(ds, self.band)
                 self.params = fit_quantiser(
-                    ds, self.band, self.nodata, self.radiometry, self.quantiser
+                    ds, self.band, self.nodata, self.radiometry, self.quantiser, self.blocks
                 )
         except rasterio.errors.RasterioIOError as exc:
             raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
         self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
+        self.screen = (
+            screening_lut(self.lut, scene.dtype, self.nodata.candidates())
+            if self.lut is not None
+            else None
+        )
         self.specs, partial = plan(
             scene.width, scene.height, self.sizes, options.keep_partial, options.min_coverage
         )
@@ -242,16 +274,17 @@ class SceneJob:
     def tile_path(self, spec: TileSpec) -> Path:
         return Path(self.options.out_dir) / f"{self.tile_id(spec)}.tif"
 
-    def read(self, ds, spec: TileSpec) -> tuple[np.ndarray, np.ndarray]:
-        """The window's pixels and validity; a kept partial tile is padded with nodata."""
+    def read(self, ds, spec: TileSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        """The window's pixels, and the validity of a kept partial tile padded with nodata
+        (None for a whole window: see `quantise`)."""
         c0, r0, iw, ih = spec.inside(self.scene.width, self.scene.height)
         # GDAL reads uncompressed tiled/striped files straight into the array, bypassing
         # its block cache (every block is read once here): about 15% off a tile's time
         with rasterio.Env(GTIFF_DIRECT_IO=True):
             values = ds.read(self.band, window=Window(c0, r0, iw, ih))
-        valid = self.nodata.mask(values)
         if (iw, ih) == (spec.width, spec.height):
-            return values, valid
+            return values, None
+        valid = self.nodata.mask(values)
         full = np.zeros((spec.height, spec.width), dtype=values.dtype)
         full_valid = np.zeros((spec.height, spec.width), dtype=bool)
         inner = np.s_[
@@ -270,6 +303,30 @@ class SceneJob:
         except rasterio.errors.RasterioError:
             return None
 
+    def quantise(
+        self, values: np.ndarray, valid: np.ndarray | None
+    ) -> tuple[np.ndarray | None, float]:
+        """The tile's bytes (None if it is mostly nodata) and its nodata fraction.
+
+        With a lookup table, a whole window first goes through the screening table: when no
+        pixel lands on 0 there, none is nodata, and the mask's passes are skipped."""
+        index = lut_index(values) if self.lut is not None else None
+        if index is not None and valid is None:
+            pixels = np.take(self.screen, index)
+            if np.count_nonzero(pixels) == pixels.size:
+                return pixels, 0.0
+        if valid is None:
+            valid = self.nodata.mask(values)
+        frac = 1.0 - float(np.count_nonzero(valid)) / valid.size
+        if frac > self.options.max_nodata:
+            return None, frac
+        if index is not None:
+            pixels = np.take(self.lut, index)
+            pixels[~valid] = NODATA_OUT
+        else:
+            pixels = self.quantiser.apply(to_amplitude(values, self.radiometry), self.params, valid)
+        return pixels, frac
+
     def work(self, spec: TileSpec, datasets: _ThreadDatasets) -> TileResult:
         """Runs in a worker thread: read, screen, quantise, write one tile."""
         path = self.tile_path(spec)
@@ -279,18 +336,11 @@ class SceneJob:
                 if frac is not None:
                     return TileResult(spec, path, "exists", frac)
             values, valid = self.read(datasets.get(), spec)
-            frac = 1.0 - float(np.count_nonzero(valid)) / valid.size
-            if frac > self.options.max_nodata:
+            pixels, frac = self.quantise(values, valid)
+            if pixels is None:
                 return TileResult(spec, path, "nodata", frac)
-            if self.lut is not None:
-                pixels = apply_lut(values, self.lut, valid)
-            else:
-                amplitude = to_amplitude(values, self.radiometry)
-                pixels = self.quantiser.apply(amplitude, self.params, valid)
             if self.encoder is not None:
-                chunks = self.encoder.encode(pixels, tile_transform(self.scene, spec))
-                with atomic_open(path, "wb", fsync=False) as fh:
-                    fh.writelines(chunks)
+                write_chunks(path, self.encoder.encode(pixels, tile_transform(self.scene, spec)))
             else:
                 write_tile(path, pixels, self.scene, spec, self.options.compress, self.tags)
             return TileResult(spec, path, "written", frac)
@@ -315,18 +365,32 @@ class SceneJob:
         else:
             _init_worker(self)
             pool = ThreadPoolExecutor(max_workers=1)
+        # the kernel reads a few tiles ahead of the workers (cold scenes wait less on the disk)
+        prefetch = Prefetcher(self.path, self.blocks) if self.blocks is not None else None
+        ahead = 4 * workers + 4
         try:
             with pool:
+                for spec in self.specs[:ahead]:
+                    self.prefetch(prefetch, spec)
                 for index, spec in enumerate(self.specs):
+                    if index + ahead < len(self.specs):
+                        self.prefetch(prefetch, self.specs[index + ahead])
                     pending.append((index, pool.submit(_work, spec)))
                     if len(pending) >= 2 * workers:
                         yield from self.finish(*pending.popleft())
                 while pending:
                     yield from self.finish(*pending.popleft())
         finally:  # handles opened in this process (forked workers close theirs on exit)
+            if prefetch is not None:
+                prefetch.close()
             datasets = _WORKER.pop("datasets", None)
             for ds in datasets.opened if datasets else []:
                 ds.close()
+
+    def prefetch(self, prefetch: Prefetcher | None, spec: TileSpec) -> None:
+        """Ask for a tile's pixels ahead of time, unless it is there from an earlier run."""
+        if prefetch is not None and (self.options.overwrite or not self.tile_path(spec).exists()):
+            prefetch.want(spec.inside(self.scene.width, self.scene.height))
 
     def finish(self, index: int, future: Future) -> Iterator[dict]:
         result: TileResult = future.result()
