@@ -12,6 +12,7 @@ a file without block offsets, are simply not prefetched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -91,6 +92,12 @@ class Prefetcher:
 
     def want(self, window: tuple[int, int, int, int]) -> None:
         self.windows.put(window)
+
+    def advise_now(self, windows: Iterable[tuple[int, int, int, int]]) -> None:
+        """Advise these windows from the calling thread, before anything queued."""
+        with contextlib.suppress(OSError):
+            for window in windows:
+                advise(self.fd, self.index.ranges(*window))
 
     def close(self) -> None:
         self.windows.put(None)
