@@ -122,3 +122,48 @@ def test_screening_table_zeroes_exactly_the_possible_nodata():
         0,
         *np.take(ints, lut_index(values))[1:],
     ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16", "int16", "uint8", "int8"])
+def test_compiled_gather_matches_numpy(dtype, monkeypatch):
+    from sarkit.raster import quantise
+
+    if quantise._lut is None:
+        pytest.skip("the C kernel was not built here (no compiler at install)")
+    rng = np.random.default_rng(7)
+    kind = np.dtype(dtype)
+    if kind.kind == "f":
+        values = speckle((123, 77), seed=8)
+        values.flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, -3.5]
+    else:
+        info = np.iinfo(kind)
+        values = rng.integers(info.min, info.max, (123, 77), endpoint=True).astype(kind)
+        values.flat[:2] = [info.min, info.max]
+    q = LogPercentile()
+    lut = quantise.build_lut(
+        q, q.fit(np.abs(values[np.isfinite(values)]).astype(np.float32)), dtype, "amplitude"
+    )
+    lut[::7] = 0  # some zeros to count
+    fast, zeros = quantise.gather(values, lut)
+    monkeypatch.setattr(quantise, "_lut", None)
+    slow, slow_zeros = quantise.gather(values, lut)
+    assert np.array_equal(fast, slow) and zeros == slow_zeros > 0
+    # a view that is not contiguous takes numpy's path, with the same answer
+    monkeypatch.undo()
+    assert np.array_equal(quantise.gather(values[:, ::2], lut)[0], slow[:, ::2])
+
+
+def test_compiled_gather_refuses_short_tables_and_outputs():
+    from sarkit.raster import quantise
+
+    if quantise._lut is None:
+        pytest.skip("the C kernel was not built here (no compiler at install)")
+    values = np.ones(10, np.uint32)
+    with pytest.raises(ValueError, match="table needs"):
+        quantise._lut.gather32(values, np.ones(100, np.uint8), 13, np.empty(10, np.uint8))
+    with pytest.raises(ValueError, match="one byte per"):
+        quantise._lut.gather16(
+            values.view(np.uint16), np.ones(65536, np.uint8), 0, np.empty(10, np.uint8)
+        )
+    with pytest.raises(ValueError, match="out of range"):
+        quantise._lut.gather32(values, np.ones(1 << 20, np.uint8), 40, np.empty(10, np.uint8))
