@@ -50,7 +50,8 @@ from sarkit.raster.tiff import TileEncoder
 from sarkit.raster.windows import TileSpec, plan, window_size
 from sarkit.report import Report
 
-STATS_SAMPLE_PIXELS = 4_000_000
+STATS_SAMPLE_PIXELS = 4_000_000  # read for the fit, in whole blocks spread over the scene
+FIT_PIXELS = 1_000_000  # of which the fit sees about this many (evenly strided)
 #: tiles whose blocks the kernel is asked to read before a worker gets to them: enough to
 #: cover the disk's latency, few enough to keep the page cache it fills small (12 x 4 MB
 #: for 1024-px float32 tiles; 12, 32 and 64 measured 1.9, 2.0 and 2.1-2.2 s, bench/slice.py)
@@ -162,7 +163,9 @@ def fit_quantiser(
         values = ds.read(band, window=window)
         pieces.append(to_amplitude(values[nodata.mask(values)], radiometry))
     sample = np.concatenate(pieces) if pieces else np.empty(0, np.float32)
-    return quantiser.fit(sample)
+    # the blocks give the spatial spread; a million of their pixels pin percentiles to well
+    # under one output level, at a third of the sort's time on the whole sample
+    return quantiser.fit(sample[:: max(1, sample.size // FIT_PIXELS)])
 
 
 class _ThreadDatasets(threading.local):
