@@ -135,19 +135,19 @@ def sarkit_quantisers() -> list:
 try:  # the optional compiled kernel (see gather)
     from sarkit.raster import _lut
 except ImportError:  # pragma: no cover - built wherever a C compiler was at install
-    _lut = None
+    _lut = None  # type: ignore[assignment]
 
 #: Float32 values are binned by their top 19 bits (sign, exponent, 10 mantissa bits): a
 #: relative bin width of 2^-10, far finer than one output level of any 8-bit stretch.
 FLOAT_SHIFT = 13
-#: native dtype -> (kernel, the view it reads, its parameter): signed integers flip the sign
-#: bit, which is their offset from the type's minimum, the table's index
-_KERNELS = {
-    np.dtype(np.float32).str: ("gather32", np.uint32, FLOAT_SHIFT),
-    np.dtype(np.uint16).str: ("gather16", np.uint16, 0),
-    np.dtype(np.int16).str: ("gather16", np.uint16, 0x8000),
-    np.dtype(np.uint8).str: ("gather8", np.uint8, 0),
-    np.dtype(np.int8).str: ("gather8", np.uint8, 0x80),
+#: native dtype -> (bits of the kernel, the view it reads, its parameter): signed integers
+#: flip the sign bit, which gives their offset from the type's minimum, the table's index
+KERNELS = {
+    np.dtype(np.float32).str: (32, np.uint32, FLOAT_SHIFT),
+    np.dtype(np.uint16).str: (16, np.uint16, 0),
+    np.dtype(np.int16).str: (16, np.uint16, 0x8000),
+    np.dtype(np.uint8).str: (8, np.uint8, 0),
+    np.dtype(np.int8).str: (8, np.uint8, 0x80),
 }
 
 
@@ -183,10 +183,10 @@ def gather(values: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, int]:
     take over lut_index: the same bytes either way.
     """
     out = np.empty(values.shape, np.uint8)
-    kernel = _KERNELS.get(values.dtype.str) if _lut is not None else None
+    kernel = KERNELS.get(values.dtype.str) if _lut is not None else None
     if kernel is not None and values.flags.c_contiguous:
-        name, view, param = kernel
-        zeros = getattr(_lut, name)(values.view(view), lut, param, out)
+        bits, view, param = kernel
+        zeros = getattr(_lut, f"gather{bits}")(values.view(view), lut, param, out)
         return out, zeros
     np.take(lut, lut_index(values), out=out)
     return out, out.size - int(np.count_nonzero(out))

@@ -30,6 +30,7 @@ from sarkit import sensors
 from sarkit.atomic import atomic_path, write_chunks
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
+from sarkit.raster.mapped import MappedBand
 from sarkit.raster.prefetch import BlockIndex, Prefetcher
 from sarkit.raster.quantise import (
     NODATA_OUT,
@@ -237,6 +238,7 @@ class SceneJob:
             scene.width, scene.height, self.sizes, options.keep_partial, options.min_coverage
         )
         self.prefetcher: Prefetcher | None = None
+        self.mapped: MappedBand | None = None
         try:
             with rasterio.open(path) as ds:
                 windows = fit_windows(ds, self.band)
@@ -252,6 +254,7 @@ class SceneJob:
                 self.params = fit_quantiser(
                     ds, self.band, self.nodata, self.radiometry, self.quantiser, windows
                 )
+                self.mapped = MappedBand.probe(ds, self.band, blocks)
         except rasterio.errors.RasterioIOError as exc:
             self.close()
             raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
@@ -261,6 +264,8 @@ class SceneJob:
             if self.lut is not None
             else None
         )
+        if self.lut is None:  # the in-place path is a table lookup
+            self.mapped = None
         if partial:
             report.skip("partial edge tile", partial)
         self.emitted: dict[int, str] = {}
@@ -313,6 +318,17 @@ class SceneJob:
         except rasterio.errors.RasterioError:
             return None
 
+    def quantise_in_place(self, spec: TileSpec) -> tuple[np.ndarray | None, float]:
+        """An uncompressed scene's tile, quantised from the page cache with no read (see
+        :mod:`sarkit.raster.mapped`), when the screening table shows it holds no nodata;
+        else (None, 0) and the tile is read and screened pixel by pixel."""
+        if self.mapped is None:
+            return None, 0.0
+        got = self.mapped.gather(spec.col_off, spec.row_off, spec.width, spec.height, self.screen)
+        if got is None or got[1]:
+            return None, 0.0
+        return got[0], 0.0
+
     def quantise(
         self, values: np.ndarray, valid: np.ndarray | None
     ) -> tuple[np.ndarray | None, float]:
@@ -344,8 +360,10 @@ class SceneJob:
                 frac = self.check_existing(path)
                 if frac is not None:
                     return TileResult(spec, path, "exists", frac)
-            values, valid = self.read(datasets.get(), spec)
-            pixels, frac = self.quantise(values, valid)
+            pixels, frac = self.quantise_in_place(spec)
+            if pixels is None:
+                values, valid = self.read(datasets.get(), spec)
+                pixels, frac = self.quantise(values, valid)
             if pixels is None:
                 return TileResult(spec, path, "nodata", frac)
             if self.encoder is not None:
@@ -399,6 +417,8 @@ class SceneJob:
             self.prefetcher.want(spec.inside(self.scene.width, self.scene.height))
 
     def close(self) -> None:
+        if self.mapped is not None:
+            self.mapped.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
