@@ -153,17 +153,21 @@ def test_compiled_gather_matches_numpy(dtype, monkeypatch):
     assert np.array_equal(quantise.gather(values[:, ::2], lut)[0], slow[:, ::2])
 
 
-def test_compiled_gather_refuses_short_tables_and_outputs():
+def test_compiled_gather_refuses_what_would_read_or_write_outside():
     from sarkit.raster import quantise
 
     if quantise._lut is None:
         pytest.skip("the C kernel was not built here (no compiler at install)")
-    values = np.ones(10, np.uint32)
+    src, out = np.ones(10, np.uint32), np.empty(10, np.uint8)
+    kernel = quantise._lut
     with pytest.raises(ValueError, match="table needs"):
-        quantise._lut.gather32(values, np.ones(100, np.uint8), 13, np.empty(10, np.uint8))
-    with pytest.raises(ValueError, match="one byte per"):
-        quantise._lut.gather16(
-            values.view(np.uint16), np.ones(65536, np.uint8), 0, np.empty(10, np.uint8)
-        )
+        kernel.rect32(src, 0, 1, 10, 40, np.ones(100, np.uint8), 13, out, 0, 10)
     with pytest.raises(ValueError, match="out of range"):
-        quantise._lut.gather32(values, np.ones(1 << 20, np.uint8), 40, np.empty(10, np.uint8))
+        kernel.rect32(src, 0, 1, 10, 40, np.ones(1 << 20, np.uint8), 40, out, 0, 10)
+    big = np.ones(65536, np.uint8)
+    for args in [(0, 1, 21, 42), (2, 1, 20, 40), (0, 2, 10, 21), (0, -1, 10, 20)]:
+        offset, rows, cols, stride = args  # past the source's end, or a negative count
+        with pytest.raises(ValueError, match="outside"):
+            kernel.rect16(src.view(np.uint16), offset, rows, cols, stride, big, 0, out, 0, cols)
+    with pytest.raises(ValueError, match="outside"):  # past the output's end
+        kernel.rect16(src.view(np.uint16), 0, 2, 10, 20, big, 0, out, 0, 10)

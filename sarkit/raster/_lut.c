@@ -1,76 +1,27 @@
-/* Lookup-table gather for the slicer: out[i] = lut[index(src[i])], counting the zeros.
+/* Lookup-table gather for the slicer: out = lut[index(src)] over a rectangle, counting zeros.
  *
  * numpy's equivalent (shift, cast to intp, take, count_nonzero) makes four passes and two
- * temporary arrays per tile; this is one pass with nothing allocated, and about a fifth of
- * the slicer's CPU time on float32 scenes. Optional: sarkit.raster.quantise falls back to
- * numpy where this module was not built (no C compiler at install time).
+ * temporary arrays per tile; this is one pass with nothing allocated. It reads a tile's
+ * array, or an uncompressed file's blocks in place through a memory map
+ * (sarkit.raster.mapped). Optional: sarkit.raster.quantise falls back to numpy where this
+ * module was not built (no C compiler at install time).
  *
- *   gather32(src, lut, shift, out) -> zeros   index = (uint32) src[i] >> shift
- *   gather16(src, lut, flip, out)  -> zeros   index = (uint16) src[i] ^ flip
- *   gather8(src, lut, flip, out)   -> zeros   index = (uint8) src[i] ^ flip
- *   rect32/rect16/rect8(src, src_offset, rows, cols, src_stride, lut, param, out,
- *                       out_offset, out_stride) -> zeros: the same over a rectangle
+ *   rectN(src, src_offset, rows, cols, src_stride, lut, param, out, out_offset, out_stride)
+ *       -> number of zero bytes written
+ *   rect32: index = (uint32) item >> param    (float32 bits: sign, exponent, top mantissa)
+ *   rect16: index = (uint16) item ^ param     (param 0x8000 for int16: offset from minimum)
+ *   rect8:  index = (uint8) item ^ param      (param 0x80 for int8)
  *
- * src, lut and out are C-contiguous buffers (numpy arrays); flip = 0x8000 (0x80) maps a
- * signed int16 (int8) to its offset from the type's minimum. The loop runs without the GIL.
+ * src, lut and out are contiguous buffers; offsets and strides are in bytes. The loop runs
+ * without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
-static int check(Py_buffer *src, Py_buffer *lut, Py_buffer *out, Py_ssize_t item,
-                 unsigned long long table)
-{
-    if (src->len % item != 0 || out->len != src->len / item) {
-        PyErr_SetString(PyExc_ValueError, "gather: out must have one byte per source item");
-        return -1;
-    }
-    if ((unsigned long long)lut->len < table) {
-        PyErr_Format(PyExc_ValueError, "gather: the table needs %llu entries", table);
-        return -1;
-    }
-    return 0;
-}
-
-#define GATHER(NAME, TYPE, INDEX, TABLE, MAXPARAM)                                          \
-    static PyObject *NAME(PyObject *self, PyObject *args)                                   \
-    {                                                                                       \
-        Py_buffer src, lut, out;                                                            \
-        unsigned int param;                                                                 \
-        size_t zeros = 0;                                                                   \
-        if (!PyArg_ParseTuple(args, "y*y*Iw*", &src, &lut, &param, &out))                   \
-            return NULL;                                                                    \
-        if (param > (MAXPARAM)) {                                                           \
-            PyErr_SetString(PyExc_ValueError, "gather: parameter out of range");            \
-        } else if (check(&src, &lut, &out, sizeof(TYPE), (TABLE)) == 0) {                   \
-            const TYPE *s = (const TYPE *)src.buf;                                          \
-            const uint8_t *t = (const uint8_t *)lut.buf;                                    \
-            uint8_t *o = (uint8_t *)out.buf;                                                \
-            Py_ssize_t n = out.len;                                                         \
-            Py_BEGIN_ALLOW_THREADS                                                          \
-            for (Py_ssize_t i = 0; i < n; i++) {                                            \
-                uint8_t v = t[INDEX];                                                       \
-                o[i] = v;                                                                   \
-                zeros += (v == 0);                                                          \
-            }                                                                               \
-            Py_END_ALLOW_THREADS                                                            \
-        }                                                                                   \
-        PyBuffer_Release(&src);                                                             \
-        PyBuffer_Release(&lut);                                                             \
-        PyBuffer_Release(&out);                                                             \
-        if (PyErr_Occurred())                                                               \
-            return NULL;                                                                    \
-        return PyLong_FromSize_t(zeros);                                                    \
-    }
-
-GATHER(gather32, uint32_t, s[i] >> param, 1ULL << (32 - param), 31)
-GATHER(gather16, uint16_t, (uint16_t)(s[i] ^ param), 65536, 0xFFFF)
-GATHER(gather8, uint8_t, (uint8_t)(s[i] ^ param), 256, 0xFF)
-
-/* The same gather over a rectangle of rows x cols items in raw memory (a mapped file's
- * block, say): src row r starts at src_offset + r * src_stride bytes, out row r at
- * out_offset + r * out_stride; both ranges are checked against the buffers. */
+/* src row r starts at src_offset + r * src_stride bytes, out row r at out_offset +
+ * r * out_stride; both ranges are checked against the buffers. */
 #define GATHER_RECT(NAME, TYPE, INDEX, TABLE, MAXPARAM)                                     \
     static PyObject *NAME(PyObject *self, PyObject *args)                                   \
     {                                                                                       \
@@ -122,12 +73,9 @@ GATHER_RECT(rect16, uint16_t, (uint16_t)(x ^ param), 65536, 0xFFFF)
 GATHER_RECT(rect8, uint8_t, (uint8_t)(x ^ param), 256, 0xFF)
 
 static PyMethodDef methods[] = {
-    {"gather32", gather32, METH_VARARGS, "out[i] = lut[src[i] >> shift]; returns the zeros"},
-    {"gather16", gather16, METH_VARARGS, "out[i] = lut[src[i] ^ flip]; returns the zeros"},
-    {"gather8", gather8, METH_VARARGS, "out[i] = lut[src[i] ^ flip]; returns the zeros"},
-    {"rect32", rect32, METH_VARARGS, "gather32 over a rectangle of raw memory"},
-    {"rect16", rect16, METH_VARARGS, "gather16 over a rectangle of raw memory"},
-    {"rect8", rect8, METH_VARARGS, "gather8 over a rectangle of raw memory"},
+    {"rect32", rect32, METH_VARARGS, "out = lut[src >> shift] over a rectangle; zeros"},
+    {"rect16", rect16, METH_VARARGS, "out = lut[src ^ flip] over a rectangle; zeros"},
+    {"rect8", rect8, METH_VARARGS, "out = lut[src ^ flip] over a rectangle; zeros"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -186,7 +186,9 @@ def gather(values: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, int]:
     kernel = KERNELS.get(values.dtype.str) if _lut is not None else None
     if kernel is not None and values.flags.c_contiguous:
         bits, view, param = kernel
-        zeros = getattr(_lut, f"gather{bits}")(values.view(view), lut, param, out)
+        n = values.size
+        rect = getattr(_lut, f"rect{bits}")
+        zeros = rect(values.view(view), 0, 1, n, n * values.itemsize, lut, param, out, 0, n)
         return out, zeros
     np.take(lut, lut_index(values), out=out)
     return out, out.size - int(np.count_nonzero(out))
