@@ -54,9 +54,12 @@ from sarkit.report import Report
 STATS_SAMPLE_PIXELS = 4_000_000  # read for the fit, in whole blocks spread over the scene
 FIT_PIXELS = 1_000_000  # of which the fit sees about this many (evenly strided)
 #: tiles whose blocks the kernel is asked to read before a worker gets to them: enough to
-#: cover the disk's latency, few enough to keep the page cache it fills small (12 x 4 MB
-#: for 1024-px float32 tiles; 12, 32 and 64 measured 1.9, 2.0 and 2.1-2.2 s, bench/slice.py)
-PREFETCH_AHEAD = 12
+#: cover the disk's latency and the tiles in flight, few enough to keep the page cache it
+#: fills small (24 x 4 MB for 1024-px float32 tiles)
+PREFETCH_AHEAD = 24
+#: tiles per task sent to a worker: the parent shares the cores with busy workers, so it
+#: answers late; a few tiles per task keep each worker fed between its answers
+TILES_PER_TASK = 4
 COMPRESSIONS = ("zstd", "deflate", "lzw", "none")
 
 
@@ -194,8 +197,9 @@ def _init_worker(job: SceneJob, forked: bool = False) -> None:
     _WORKER["datasets"] = _ThreadDatasets(job.path, [], threading.Lock())
 
 
-def _work(spec: TileSpec) -> TileResult:
-    return _WORKER["job"].work(spec, _WORKER["datasets"])
+def _work(specs: list[TileSpec]) -> list[TileResult]:
+    job, datasets = _WORKER["job"], _WORKER["datasets"]
+    return [job.work(spec, datasets) for spec in specs]
 
 
 def slice_scene(scene_path: Path, options: SliceOptions, report: Report) -> Iterator[dict]:
@@ -394,11 +398,9 @@ class SceneJob:
             pool = ThreadPoolExecutor(max_workers=1)
         try:
             with pool:
-                for index, spec in enumerate(self.specs):
-                    # the kernel reads a few tiles ahead of the workers
-                    if index + PREFETCH_AHEAD < len(self.specs):
-                        self.prefetch(self.specs[index + PREFETCH_AHEAD])
-                    pending.append((index, pool.submit(_work, spec)))
+                for start in range(0, len(self.specs), TILES_PER_TASK):
+                    batch = self.specs[start : start + TILES_PER_TASK]
+                    pending.append((start, pool.submit(_work, batch)))
                     if len(pending) >= 2 * workers:
                         yield from self.finish(*pending.popleft())
                 while pending:
@@ -423,8 +425,14 @@ class SceneJob:
             self.prefetcher.close()
             self.prefetcher = None
 
-    def finish(self, index: int, future: Future) -> Iterator[dict]:
-        result: TileResult = future.result()
+    def finish(self, start: int, future: Future) -> Iterator[dict]:
+        """A task's tiles, in order; each finished tile lets one more be prefetched."""
+        for index, result in enumerate(future.result(), start):
+            if index + PREFETCH_AHEAD < len(self.specs):
+                self.prefetch(self.specs[index + PREFETCH_AHEAD])
+            yield from self.emit(index, result)
+
+    def emit(self, index: int, result: TileResult) -> Iterator[dict]:
         spec = result.spec
         if result.status == "nodata":
             self.report.skip("mostly nodata")
