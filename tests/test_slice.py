@@ -277,3 +277,20 @@ def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
             seen.add(round(frac, 4))
     assert seen == {0.0, round(1 / 1024, 4), round(24 * 24 / 1024, 4)}
     assert job.quantise(data[:32, :32].copy(), None)[0][3, 3] > 0
+
+
+def test_fit_sample_reads_whole_blocks(tmp_path):
+    """The quantiser's sample windows sit on the block grid: each reads one block, not four."""
+    from sarkit.raster.slicer import fit_windows
+
+    data = speckle((2200, 2000), seed=3)
+    path = tmp_path / "b.tif"
+    profile = dict(driver="GTiff", width=2000, height=2200, count=1, dtype="float32")
+    with rasterio.open(path, "w", tiled=True, blockxsize=128, blockysize=128, **profile) as ds:
+        ds.write(data, 1)
+    with rasterio.open(path) as ds:
+        windows = fit_windows(ds, 1)
+    assert len(windows) > 20
+    for w in windows:
+        assert w.col_off % 128 == 0 and w.row_off % 128 == 0 and (w.width, w.height) == (128, 128)
+        assert w.col_off + w.width <= 2000 and w.row_off + w.height <= 2200

@@ -153,9 +153,21 @@ def tile_sizes(scene: Scene, options: SliceOptions, pixel_m: tuple[float, float]
 
 
 def fit_windows(ds, band: int) -> list[Window]:
-    """A sparse sample of whole blocks over the scene, for its quantiser fit."""
-    block = ds.block_shapes[band - 1][1] if ds.block_shapes else 256
-    return sample_windows(ds.width, ds.height, STATS_SAMPLE_PIXELS, min(max(block, 128), 1024))
+    """A sparse sample of whole blocks over the scene, for its quantiser fit.
+
+    Windows are snapped to the block grid: a window across four blocks would read all four
+    (four times the I/O for the same pixels, on the serial path before any tile starts)."""
+    bh, bw = ds.block_shapes[band - 1] if ds.block_shapes else (256, 256)
+    size = min(max(bw, 128), 1024)
+    return [
+        Window(
+            w.col_off - (w.col_off % bw if bw <= size else 0),
+            w.row_off - (w.row_off % bh if bh <= size else 0),
+            w.width,
+            w.height,
+        )
+        for w in sample_windows(ds.width, ds.height, STATS_SAMPLE_PIXELS, size)
+    ]
 
 
 def fit_quantiser(
