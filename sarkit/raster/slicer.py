@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -259,7 +260,7 @@ class SceneJob:
             with rasterio.open(path) as ds:
                 windows = fit_windows(ds, self.band)
                 blocks = BlockIndex.read(ds, self.band)
-                if blocks is not None:
+                if blocks is not None and hasattr(os, "posix_fadvise"):  # not on macOS
                     # the fit's reads all in flight at once, then the first tiles' while it fits
                     self.prefetcher = Prefetcher(path, blocks)
                     self.prefetcher.advise_now(
@@ -274,6 +275,9 @@ class SceneJob:
         except rasterio.errors.RasterioIOError as exc:
             self.close()
             raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
+        except BaseException:  # the prefetch thread and the map's file go with the job
+            self.close()
+            raise
         self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
         self.screen = (
             screening_lut(self.lut, scene.dtype, self.nodata.candidates())
