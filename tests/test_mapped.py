@@ -90,59 +90,38 @@ def test_gdal_reads_what_is_not_plain_pixels(tmp_path):
     assert probe(cut) is None
 
 
-def test_slicing_in_place_writes_the_same_tiles(tmp_path, monkeypatch):
+def tiled_scene(path, data, block):
+    """A georeferenced, uncompressed, block-tiled scene."""
+    utm = dict(crs="EPSG:32651", transform=rasterio.Affine(2, 0, 350000, 0, -2, 3460000))
+    return scene(path, data, tiled=True, blockxsize=block, blockysize=block, **utm)
+
+
+def sliced(path, out, sizes):
+    """Each tile's file bytes by record id, from an in-process one-worker slice."""
     from sarkit.raster.slicer import SliceOptions, slice_scene
     from sarkit.report import Report
 
+    options = SliceOptions(out_dir=out, ground_sizes=sizes, workers=1)
+    return {
+        r["id"]: Path(r["path"]).read_bytes() for r in slice_scene(path, options, Report("slice"))
+    }
+
+
+def test_slicing_in_place_writes_the_same_tiles(tmp_path, monkeypatch):
     data = speckle((700, 650), seed=6)
     data[:40, :] = 0.0  # a zero border: those tiles take the exact path
-    path = scene(
-        tmp_path / "s.tif",
-        data,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-        crs="EPSG:32651",
-        transform=rasterio.Affine(2, 0, 350000, 0, -2, 3460000),
-    )
-
-    def run(out):
-        options = SliceOptions(out_dir=out, ground_sizes=[600.0, 200.0], workers=1)
-        return {
-            r["id"]: Path(r["path"]).read_bytes()
-            for r in slice_scene(path, options, Report("slice"))
-        }
-
-    in_place = run(tmp_path / "a")
+    path = tiled_scene(tmp_path / "s.tif", data, 256)
+    in_place = sliced(path, tmp_path / "a", [600.0, 200.0])
     monkeypatch.setattr(MappedBand, "probe", classmethod(lambda cls, *a: None))
-    through_gdal = run(tmp_path / "b")
+    through_gdal = sliced(path, tmp_path / "b", [600.0, 200.0])
     assert len(in_place) > 10 and in_place == through_gdal
 
 
 def test_without_the_c_kernel_slicing_writes_the_same_tiles(tmp_path, monkeypatch):
     """A machine with no C compiler at install time gets numpy's path: the same bytes."""
-    from sarkit.raster.slicer import SliceOptions, slice_scene
-    from sarkit.report import Report
-
     data = (speckle((300, 280), seed=9) * 500).astype(np.int16)
     data[:, :30] = 0
-    path = scene(
-        tmp_path / "s.tif",
-        data,
-        tiled=True,
-        blockxsize=64,
-        blockysize=64,
-        crs="EPSG:32651",
-        transform=rasterio.Affine(2, 0, 350000, 0, -2, 3460000),
-    )
-
-    def run(out):
-        options = SliceOptions(out_dir=out, ground_sizes=[200.0], workers=1)
-        return {
-            r["id"]: Path(r["path"]).read_bytes()
-            for r in slice_scene(path, options, Report("slice"))
-        }
-
-    compiled = run(tmp_path / "a")
+    path = tiled_scene(tmp_path / "s.tif", data, 64)
+    compiled = sliced(path, tmp_path / "a", [200.0])
     monkeypatch.setattr(quantise, "_lut", None)
-    assert run(tmp_path / "b") == compiled and len(compiled) >= 4
+    assert sliced(path, tmp_path / "b", [200.0]) == compiled and len(compiled) >= 4
