@@ -26,10 +26,24 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
-def temp_path_for(path: Path) -> Path:
-    fd, tmp = _create_temp(path)
-    os.close(fd)
-    return tmp
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[tuple[int, Path]]:
+    """A new temporary file beside `path`, open as a descriptor the block must close: renamed
+    onto `path` when the block succeeds, removed when it fails. The folder is made only when
+    it is missing (one mkdir per tile would cost the slicer a syscall and an exception)."""
+    final = Path(path)
+    try:
+        fd, tmp = _create_temp(final)
+    except FileNotFoundError:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(final)
+    try:
+        yield fd, tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 @contextlib.contextmanager
@@ -41,19 +55,12 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     the rename, at the cost of a disk flush per file (too slow for thousands of tiles, whose
     readers check them on resume instead).
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
+    with _replacing(path) as (fd, tmp):
+        os.close(fd)
         yield tmp
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 @contextlib.contextmanager
@@ -73,12 +80,7 @@ def write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     crash from leaving a partial file under the final name, and a resumed run checks what
     it finds (a power loss may still leave a damaged tile, which the check catches).
     """
-    try:
-        fd, tmp = _create_temp(path)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-    try:
+    with _replacing(path) as (fd, _):
         try:
             chunks = list(chunks)
             for i in range(0, len(chunks), IOV_BATCH):
@@ -90,11 +92,6 @@ def write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
                         rest = rest[os.write(fd, rest) :]
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
