@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+#: the kernel advice this rests on (Linux and most Unixes; not macOS or Windows)
+SUPPORTED = hasattr(os, "posix_fadvise")
 #: one advice call per this many bytes at most (the kernel caps one call's read-ahead)
 CHUNK = 4 << 20
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,9 +31,11 @@ from sarkit.atomic import atomic_path, write_chunks
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
 from sarkit.raster.mapped import MappedBand
+from sarkit.raster.prefetch import SUPPORTED as CAN_PREFETCH
 from sarkit.raster.prefetch import BlockIndex, Prefetcher
 from sarkit.raster.quantise import (
     NODATA_OUT,
+    apply_lut,
     build_lut,
     gather,
     screening_lut,
@@ -260,7 +261,7 @@ class SceneJob:
             with rasterio.open(path) as ds:
                 windows = fit_windows(ds, self.band)
                 blocks = BlockIndex.read(ds, self.band)
-                if blocks is not None and hasattr(os, "posix_fadvise"):  # not on macOS
+                if blocks is not None and CAN_PREFETCH:
                     # the fit's reads all in flight at once, then the first tiles' while it fits
                     self.prefetcher = Prefetcher(path, blocks)
                     self.prefetcher.advise_now(
@@ -271,21 +272,20 @@ class SceneJob:
                 self.params = fit_quantiser(
                     ds, self.band, self.nodata, self.radiometry, self.quantiser, windows
                 )
-                self.mapped = MappedBand.probe(ds, self.band, blocks)
+                self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
+                if self.lut is not None:  # the in-place path is a table lookup
+                    self.mapped = MappedBand.probe(ds, self.band, blocks)
         except rasterio.errors.RasterioIOError as exc:
             self.close()
             raise SarkitError(f"{path}: read failed ({gdal_message(exc)})") from None
         except BaseException:  # the prefetch thread and the map's file go with the job
             self.close()
             raise
-        self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
         self.screen = (
             screening_lut(self.lut, scene.dtype, self.nodata.candidates())
             if self.lut is not None
             else None
         )
-        if self.lut is None:  # the in-place path is a table lookup
-            self.mapped = None
         if partial:
             report.skip("partial edge tile", partial)
         self.emitted: dict[int, str] = {}
@@ -338,25 +338,24 @@ class SceneJob:
         except rasterio.errors.RasterioError:
             return None
 
-    def quantise_in_place(self, spec: TileSpec) -> tuple[np.ndarray | None, float]:
+    def quantise_in_place(self, spec: TileSpec) -> np.ndarray | None:
         """An uncompressed scene's tile, quantised from the page cache with no read (see
         :mod:`sarkit.raster.mapped`), when the screening table shows it holds no nodata;
-        else (None, 0) and the tile is read and screened pixel by pixel."""
+        else None, and the tile is read and masked pixel by pixel."""
         if self.mapped is None:
-            return None, 0.0
+            return None
         got = self.mapped.gather(spec.col_off, spec.row_off, spec.width, spec.height, self.screen)
-        if got is None or got[1]:
-            return None, 0.0
-        return got[0], 0.0
+        return got[0] if got is not None and got[1] == 0 else None
 
     def quantise(
-        self, values: np.ndarray, valid: np.ndarray | None
+        self, values: np.ndarray, valid: np.ndarray | None, screened: bool = False
     ) -> tuple[np.ndarray | None, float]:
         """The tile's bytes (None if it is mostly nodata) and its nodata fraction.
 
-        With a lookup table, a whole window first goes through the screening table: when no
-        pixel lands on 0 there, none is nodata, and the mask's passes are skipped."""
-        if self.lut is not None and valid is None:
+        With a lookup table, a whole window first goes through the screening table (unless
+        the in-place path already did, `screened`): when no pixel lands on 0 there, none is
+        nodata, and the mask's passes are skipped."""
+        if self.lut is not None and valid is None and not screened:
             pixels, zeros = gather(values, self.screen)
             if zeros == 0:
                 return pixels, 0.0
@@ -366,11 +365,8 @@ class SceneJob:
         if frac > self.options.max_nodata:
             return None, frac
         if self.lut is not None:
-            pixels, _ = gather(values, self.lut)
-            pixels[~valid] = NODATA_OUT
-        else:
-            pixels = self.quantiser.apply(to_amplitude(values, self.radiometry), self.params, valid)
-        return pixels, frac
+            return apply_lut(values, self.lut, valid), frac
+        return self.quantiser.apply(to_amplitude(values, self.radiometry), self.params, valid), frac
 
     def work(self, spec: TileSpec, datasets: _ThreadDatasets) -> TileResult:
         """Runs in a worker thread: read, screen, quantise, write one tile."""
@@ -380,10 +376,10 @@ class SceneJob:
                 frac = self.check_existing(path)
                 if frac is not None:
                     return TileResult(spec, path, "exists", frac)
-            pixels, frac = self.quantise_in_place(spec)
-            if pixels is None:
+            pixels, frac = self.quantise_in_place(spec), 0.0
+            if pixels is None:  # a whole window the in-place path saw was screened there
                 values, valid = self.read(datasets.get(), spec)
-                pixels, frac = self.quantise(values, valid)
+                pixels, frac = self.quantise(values, valid, screened=self.mapped is not None)
             if pixels is None:
                 return TileResult(spec, path, "nodata", frac)
             if self.encoder is not None:
