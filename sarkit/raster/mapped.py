@@ -89,22 +89,14 @@ class MappedBand:
         bh, bw = index.block_h, index.block_w
         out = np.empty((height, width), np.uint8)
         zeros, fd = 0, self._file()
-        c_first, c_last = col_off // bw, (col_off + width - 1) // bw
-        for br in range(row_off // bh, (row_off + height - 1) // bh + 1):
+        block_rows, block_cols = index.block_span(col_off, row_off, width, height)
+        flags = mmap.MAP_SHARED | _POPULATE
+        for br in block_rows:
             r0, r1 = max(row_off, br * bh), min(row_off + height, (br + 1) * bh)
-            c = c_first
-            while c <= c_last:  # one map per run of adjacent blocks in this block row
-                start = index.offsets[br][c]
-                run = [c]
-                while (
-                    run[-1] < c_last
-                    and index.offsets[br][run[-1] + 1]
-                    == index.offsets[br][run[-1]] + index.sizes[br][run[-1]]
-                ):
-                    run.append(run[-1] + 1)
+            for run in index.row_runs(br, block_cols):  # one map per run of adjacent blocks
+                start = index.offsets[br][run.start]
                 base = start - start % _GRANULE
                 end = index.offsets[br][run[-1]] + index.sizes[br][run[-1]]
-                flags = mmap.MAP_SHARED | _POPULATE
                 with mmap.mmap(fd, end - base, flags, mmap.PROT_READ, offset=base) as mm:
                     for bc in run:
                         c0, c1 = max(col_off, bc * bw), min(col_off + width, (bc + 1) * bw)
@@ -114,5 +106,4 @@ class MappedBand:
                         zeros += self.rect(
                             mm, src, r1 - r0, c1 - c0, bw * item, lut, self.param, out, dst, width
                         )
-                c = run[-1] + 1
         return out, zeros

@@ -52,22 +52,42 @@ class BlockIndex:
                 offsets[r][c], sizes[r][c] = int(offset), int(size)
         return cls(offsets, sizes, block_h, block_w)
 
-    def ranges(self, col_off: int, row_off: int, width: int, height: int) -> list[tuple[int, int]]:
-        """(offset, length) runs of bytes holding a window, adjacent blocks merged."""
+    def block_span(
+        self, col_off: int, row_off: int, width: int, height: int
+    ) -> tuple[range, range]:
+        """The window's block rows and block columns (clipped to the scene's blocks)."""
         rows, cols = len(self.offsets), len(self.offsets[0])
         r0, c0 = max(row_off, 0) // self.block_h, max(col_off, 0) // self.block_w
         r1 = min((row_off + height - 1) // self.block_h, rows - 1)
         c1 = min((col_off + width - 1) // self.block_w, cols - 1)
+        return range(r0, r1 + 1), range(c0, c1 + 1)
+
+    def row_runs(self, r: int, cols: range) -> list[range]:
+        """Block columns of block row `r` in `cols`, grouped into runs whose bytes follow
+        one another in the file (sparse blocks, with nothing on disk, left out)."""
+        runs: list[range] = []
+        offsets, sizes = self.offsets[r], self.sizes[r]
+        for c in cols:
+            if sizes[c] <= 0:
+                continue
+            if runs and offsets[runs[-1][-1]] + sizes[runs[-1][-1]] == offsets[c]:
+                runs[-1] = range(runs[-1].start, c + 1)
+            else:
+                runs.append(range(c, c + 1))
+        return runs
+
+    def ranges(self, col_off: int, row_off: int, width: int, height: int) -> list[tuple[int, int]]:
+        """(offset, length) runs of bytes holding a window, adjacent blocks merged."""
+        rows, cols = self.block_span(col_off, row_off, width, height)
         runs: list[tuple[int, int]] = []
-        for r in range(r0, r1 + 1):
-            row = zip(self.offsets[r][c0 : c1 + 1], self.sizes[r][c0 : c1 + 1], strict=True)
-            for offset, size in row:
-                if size <= 0:  # a sparse block: nothing on disk
-                    continue
-                if runs and runs[-1][0] + runs[-1][1] == offset:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + size)
+        for r in rows:
+            for run in self.row_runs(r, cols):
+                offset = self.offsets[r][run.start]
+                end = self.offsets[r][run[-1]] + self.sizes[r][run[-1]]
+                if runs and runs[-1][0] + runs[-1][1] == offset:  # the next row follows on
+                    runs[-1] = (runs[-1][0], end - runs[-1][0])
                 else:
-                    runs.append((offset, size))
+                    runs.append((offset, end - offset))
         return runs
 
 

@@ -226,13 +226,11 @@ def screening_lut(lut: np.ndarray, dtype: str, nodata: list[float]) -> np.ndarra
     if kind == np.float32:
         codes = np.arange(lut.size, dtype=np.uint32) << np.uint32(FLOAT_SHIFT)
         screen[(codes & np.uint32(0x7F800000)) == np.uint32(0x7F800000)] = NODATA_OUT
-        for value in nodata:
-            for signed in (value, -value) if value == 0 else (value,):  # 0 == -0 too
-                code = np.array([signed], np.float32).view(np.uint32)[0] >> FLOAT_SHIFT
-                screen[code] = NODATA_OUT
-    else:
+        # both signs of a zero (0 == -0 in the mask)
+        values = [v for value in nodata for v in ((value, -value) if value == 0 else (value,))]
+    else:  # only the values this integer type can hold
         info = np.iinfo(kind)
-        for value in nodata:
-            if float(value).is_integer() and info.min <= value <= info.max:
-                screen[int(value) - info.min] = NODATA_OUT
+        values = [v for v in nodata if float(v).is_integer() and info.min <= v <= info.max]
+    if values:
+        screen[lut_index(np.array(values, kind))] = NODATA_OUT
     return screen
