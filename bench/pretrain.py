@@ -21,6 +21,7 @@ figures move with it.
            Peak: --peak-tflops, else (bf16/fp16 only) the dense 16-bit figure of a known
            GPU (H100/H200 989, A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped
            text tower (12 layers, 768 wide; random init, as no weights download here).
+  --compile  torch.compile the four towers (online and momentum, vision and text) in place.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def mfu(
     peak: float | None,
     tmp: Path,
     batch: int | None = None,
+    compile_towers: bool = False,
 ):
     """(pairs/s, counted TFLOPs per step, MFU or None) of the bare loop on synthetic data."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -112,8 +114,11 @@ def mfu(
     torch.manual_seed(0)
     dev = torch.device(device)
     model = KnowLIP(model_config(opts, fields), pretrained_text=text is None).to(dev)
-    momentum = Momentum(model, opts.queue_size, opts.momentum)
+    momentum = Momentum(model, opts.queue_size, opts.momentum).to(dev)
     momentum.copy_from(model)
+    if compile_towers:  # in place: parameter names, hence the EMA pairs, stay the same
+        for tower in (model.vision, model.text, momentum.vision, momentum.text):
+            tower.compile()
     optimizer = adamw(param_groups(model, opts.weight_decay), 1e-4)
     codec = TextCodec.from_pretrained(text, fields, opts.max_tokens)
     b = opts.batch_size
@@ -209,6 +214,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--peak-tflops", type=float, help="the device's dense peak for MFU")
     ap.add_argument("--batch", type=int, help="--mfu: batch size instead of the config's")
+    ap.add_argument("--compile", action="store_true", help="--mfu: torch.compile the towers")
     args = ap.parse_args()
     from sarkit import log
 
@@ -217,13 +223,15 @@ def main() -> None:
     if args.mfu:
         name_dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(f"torch {torch.__version__}, {name_dev}, {args.precision}, image 224, "
-              f"max tokens 128, {args.steps} timed steps after 3 untimed")  # fmt: skip
+              f"max tokens 128, {args.steps} timed steps after 3 untimed"
+              + (", towers compiled" if args.compile else ""))  # fmt: skip
         print("| config | batch | pairs/s | TFLOPs per step (counted) | MFU |")
         print("|---|---|---|---|---|")
         for name in args.configs.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 pairs, tflops, util = mfu(name, args.steps, args.device, args.precision,
-                                          args.peak_tflops, Path(tmp), args.batch)  # fmt: skip
+                                          args.peak_tflops, Path(tmp), args.batch,
+                                          args.compile)  # fmt: skip
             shown = f"{util * 100:.1f}%" if util is not None else "n/a (no --peak-tflops)"
             batch = args.batch or CONFIGS[name][4]
             print(f"| {name} | {batch} | {pairs:.1f} | {tflops:.2f} | {shown} |")

@@ -93,10 +93,15 @@ def test_losses_train_and_queue_takes_any_batch(tiny):
 
 def test_momentum_is_an_ema(tiny):
     model, momentum, _ = tiny
-    p_m, p = momentum.pairs(model)[0]
-    before = p_m.clone()
+    pairs = momentum.pairs(model)
+    with torch.no_grad():  # live weights that differ from the momentum copy, or EMA is a no-op
+        for _, p in pairs:
+            p.add_(torch.randn_like(p))
+    before = [p_m.clone() for p_m, _ in pairs]
     momentum.update(model)
-    assert torch.allclose(p_m, 0.995 * before + 0.005 * p.detach(), atol=1e-6)
+    for (p_m, p), b in zip(pairs, before, strict=True):
+        assert not torch.equal(p_m, b)
+        assert torch.allclose(p_m, 0.995 * b + 0.005 * p.detach(), atol=1e-6)
 
 
 def test_mlm_masking_rules():

@@ -486,8 +486,13 @@ class Momentum(nn.Module):
         pairs = self.pairs(model)
         ctx = gathered([q for _, q in pairs]) if gathered else nullcontext()
         with ctx:
+            same = [(p_m, p) for p_m, p in pairs if p_m.dtype == p.dtype]
+            if same:  # a few fused launches per step on a GPU, not two per tensor
+                ms, ps = [p_m for p_m, _ in same], [p.detach() for _, p in same]
+                torch._foreach_lerp_(ms, ps, 1 - self.m)
             for p_m, p in pairs:
-                p_m.mul_(self.m).add_(p.detach().to(p_m.dtype), alpha=1 - self.m)
+                if p_m.dtype != p.dtype:
+                    p_m.mul_(self.m).add_(p.detach().to(p_m.dtype), alpha=1 - self.m)
 
     @torch.no_grad()
     def copy_from(self, model: KnowLIP) -> None:
