@@ -252,7 +252,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
 def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
     """Whole tiles skip the validity mask when the screening table finds no possible
     nodata; tiles with zeros or NaN take the exact path. Both must give the same bytes."""
-    from sarkit.raster.quantise import NODATA_OUT, lut_index
+    from sarkit.raster.quantise import NODATA_OUT, gather, lut_index
     from sarkit.raster.scene import valid_mask
     from sarkit.raster.slicer import SceneJob, SliceOptions
     from sarkit.report import Report
@@ -260,7 +260,9 @@ def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
     data = speckle((64, 64), seed=5)
     data[3, 3] = 0.0  # an isolated zero: dark speckle, valid
     data[10, 50] = np.nan
+    data[5, 40] = 0.0  # with the NaN: a zero does not let the NaN through
     data[40:, :24] = 0.0  # a zero-filled corner: nodata
+    data[34:64:2, 40:64:2] = 0.0  # 180 isolated zeros: more than a square's worth, all valid
     path = write(tmp_path / "s.tif", data)
     options = SliceOptions(out_dir=tmp_path / "t", ground_sizes=[64.0], max_nodata=1.0)
     job = SceneJob(path, options, Report("slice"))
@@ -277,6 +279,16 @@ def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
             seen.add(round(frac, 4))
     assert seen == {0.0, round(1 / 1024, 4), round(24 * 24 / 1024, 4)}
     assert job.quantise(data[:32, :32].copy(), None)[0][3, 3] > 0
+    # which path each tile took: the isolated zero needs the second (NaN-only) table
+    # the isolated zero needs the second (NaN-only) table; so does the NaN's tile, which
+    # it then sends to the exact mask; the corner's and the 180 zeros' tiles go straight
+    for r0, c0, tables, exact in ((0, 0, 2, False), (0, 32, 2, True), (32, 0, 1, True),
+                                  (32, 32, 1, True)):  # fmt: skip
+        values = data[r0 : r0 + 32, c0 : c0 + 32].copy()
+        passes = []
+        got = job.screened(lambda table, v=values, p=passes: p.append(table) or gather(v, table))
+        assert (got is None, len(passes)) == (exact, tables), (r0, c0)
+        assert passes[0] is job.screen and passes[-1] is not job.screen or tables == 1
 
 
 def test_fit_sample_reads_whole_blocks(tmp_path):

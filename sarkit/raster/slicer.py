@@ -14,7 +14,7 @@ import math
 import multiprocessing
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from sarkit.raster.quantise import (
     to_amplitude,
 )
 from sarkit.raster.scene import (
+    ZERO_RUN,
     Scene,
     gdal_message,
     open_scene,
@@ -281,11 +282,11 @@ class SceneJob:
         except BaseException:  # the prefetch thread and the map's file go with the job
             self.close()
             raise
-        self.screen = (
-            screening_lut(self.lut, scene.dtype, self.nodata.candidates())
-            if self.lut is not None
-            else None
-        )
+        self.screen = self.nonfinite_screen = None
+        if self.lut is not None:
+            self.screen = screening_lut(self.lut, scene.dtype, self.nodata.candidates())
+            if self.nodata.zero_runs:  # see screened()
+                self.nonfinite_screen = screening_lut(self.lut, scene.dtype, [])
         if partial:
             report.skip("partial edge tile", partial)
         self.emitted: dict[int, str] = {}
@@ -338,14 +339,33 @@ class SceneJob:
         except rasterio.errors.RasterioError:
             return None
 
+    def screened(
+        self, gather: Callable[[np.ndarray], tuple[np.ndarray, int] | None]
+    ) -> np.ndarray | None:
+        """A whole tile's bytes, gathered through the screening tables, when they prove it
+        holds no nodata; else None, and the tile takes the exact mask.
+
+        No pixel on a screened entry: no nodata. Under the zero-run rule a tile with fewer
+        screened pixels than a nodata square holds too few zeros for a fill, so its zeros
+        are dark signal (real scenes have some in most tiles): a second pass through a table
+        that screens only NaN and infinities settles it without the mask's passes."""
+        got = gather(self.screen)
+        if got is None or got[1] == 0:
+            return None if got is None else got[0]
+        if self.nonfinite_screen is not None and got[1] < ZERO_RUN * ZERO_RUN:
+            got = gather(self.nonfinite_screen)
+            if got is not None and got[1] == 0:
+                return got[0]
+        return None
+
     def quantise_in_place(self, spec: TileSpec) -> np.ndarray | None:
         """An uncompressed scene's tile, quantised from the page cache with no read (see
-        :mod:`sarkit.raster.mapped`), when the screening table shows it holds no nodata;
+        :mod:`sarkit.raster.mapped`), when the screening tables show it holds no nodata;
         else None, and the tile is read and masked pixel by pixel."""
         if self.mapped is None:
             return None
-        got = self.mapped.gather(spec.col_off, spec.row_off, spec.width, spec.height, self.screen)
-        return got[0] if got is not None and got[1] == 0 else None
+        window = (spec.col_off, spec.row_off, spec.width, spec.height)
+        return self.screened(lambda table: self.mapped.gather(*window, table))
 
     def quantise(
         self, values: np.ndarray, valid: np.ndarray | None, screened: bool = False
@@ -356,8 +376,8 @@ class SceneJob:
         the in-place path already did, `screened`): when no pixel lands on 0 there, none is
         nodata, and the mask's passes are skipped."""
         if self.lut is not None and valid is None and not screened:
-            pixels, zeros = gather(values, self.screen)
-            if zeros == 0:
+            pixels = self.screened(lambda table: gather(values, table))
+            if pixels is not None:
                 return pixels, 0.0
         if valid is None:
             valid = self.nodata.mask(values)
