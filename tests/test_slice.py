@@ -1,6 +1,8 @@
 import json
 import math
+import multiprocessing
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import rasterio
 from conftest import sarkit, shared
 from rasters import gcps_for, speckle, write
 
+from sarkit.raster.slicer import _work as _REAL_WORK
 from sarkit.raster.windows import plan
 
 
@@ -306,3 +309,36 @@ def test_fit_sample_reads_whole_blocks(tmp_path):
     for w in windows:
         assert w.col_off % 128 == 0 and w.row_off % 128 == 0 and (w.width, w.height) == (128, 128)
         assert w.col_off + w.width <= 2000 and w.row_off + w.height <= 2200
+
+
+def _work_or_die(specs):
+    """A worker that dies as a bus error in a shrunk map would kill it, on the 'bad' scene."""
+    from sarkit.raster import slicer
+
+    if slicer._WORKER["job"].path.stem == "bad":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _REAL_WORK(specs)
+
+
+def test_a_dead_worker_fails_its_scene_not_the_batch(tmp_path, monkeypatch):
+    """A worker killed mid-scene (out of memory; a bus error if the file shrinks while it
+    is mapped) is that scene's one-line error; the batch goes on with the next scene."""
+    from sarkit import plugins
+    from sarkit.commands.slice import _slice_all
+    from sarkit.raster import slicer
+    from sarkit.report import Report
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("worker processes are forked only where fork exists")
+    plugins.get_manager()
+    scenes = [write(tmp_path / f"{name}.tif", speckle((256, 256), seed=i)) for i, name in
+              enumerate(("bad", "good"))]  # fmt: skip
+    monkeypatch.setattr(slicer, "_work", _work_or_die)
+    options = slicer.SliceOptions(out_dir=tmp_path / "t", ground_sizes=[64.0], workers=2)
+    report = Report("slice")
+    _slice_all(scenes, options, report, str(tmp_path / "r.jsonl"))
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(lines) == 64 and all('"scene":"' + str(scenes[1]) in line for line in lines)
+    assert len(report.errors) == 1 and str(scenes[0]) in report.errors[0]
+    assert "worker process died" in report.errors[0] and "\n" not in report.errors[0]
+    assert report.skipped["scene not sliced"] == 1

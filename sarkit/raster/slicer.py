@@ -16,6 +16,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,6 +438,11 @@ class SceneJob:
                         yield from self.finish(*pending.popleft())
                 while pending:
                     yield from self.finish(*pending.popleft())
+        except BrokenProcessPool:  # killed: out of memory, or a bus error in a shrunk map
+            raise SarkitError(
+                f"{self.path}: a worker process died while slicing it (out of memory, or the "
+                "file changed while it was read); its tiles written so far are kept"
+            ) from None
         finally:  # handles opened in this process (forked workers close theirs on exit)
             self.close()
             datasets = _WORKER.pop("datasets", None)
