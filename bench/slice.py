@@ -1,6 +1,7 @@
 """Benchmark `sarkit slice` against gdal_retile.py and a plain sequential read of the file.
 
     .venv/bin/python bench/slice.py [--size 20000] [--tile 1024] [--workdir /tmp/sarkit-bench]
+                                    [--repeat 3] [--methods read,sarkit,...]
 
 Synthesises a float32 speckle scene (20000 x 20000 = 1.6 GB by default, 256 x 256 blocks,
 1 m pixels in UTM), then times, in this one script and each from a cold page cache
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sarkit-bench"))
+    parser.add_argument(
+        "--methods", help="comma-separated subset, e.g. read,sarkit (default: all of them)"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     scene = args.workdir / f"scene_{args.size}.tif"
@@ -150,6 +154,13 @@ def main() -> None:
         ]
     else:
         print("gdal_retile.py not found (apt-get install python3-gdal): skipping it")
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - set(methods))
+        if unknown:
+            known = ", ".join(methods)
+            raise SystemExit(f"--methods: unknown {', '.join(unknown)}; known: {known}")
+        methods = {name: methods[name] for name in wanted}
     results: dict[str, tuple[float, float, float]] = {}
     # round robin, so that a slow spell of this shared machine hits every method alike
     for _ in range(args.repeat):
