@@ -53,17 +53,14 @@ class MappedBand:
             if fh.read(2) != b"II":  # big-endian TIFF: bytes are not native values
                 return None
             file_size = os.fstat(fh.fileno()).st_size
-        item = dtype.itemsize
-        for r, (offsets, sizes) in enumerate(zip(index.offsets, index.sizes, strict=True)):
-            rows = min(index.block_h, ds.height - r * index.block_h)
-            full = index.block_h * index.block_w * item
-            for offset, size in zip(offsets, sizes, strict=True):
-                # tiles are always whole blocks; the last strip may be shorter; a block past
-                # the end of a truncated file must stay GDAL's error, not a fault in a map
-                if offset <= 0 or size not in (full, rows * index.block_w * item):
-                    return None
-                if offset + size > file_size:
-                    return None
+        offsets, sizes = np.array(index.offsets, np.int64), np.array(index.sizes, np.int64)
+        row_bytes = index.block_w * dtype.itemsize
+        rows = np.minimum(index.block_h, ds.height - index.block_h * np.arange(len(offsets)))
+        # tiles are always whole blocks; the last strip may be shorter; a block past the end
+        # of a truncated file must stay GDAL's error, not a fault in a map
+        whole = (sizes == index.block_h * row_bytes) | (sizes == (rows * row_bytes)[:, None])
+        if not (whole.all() and (offsets > 0).all() and (offsets + sizes <= file_size).all()):
+            return None
         return cls(Path(ds.name), index, dtype, ds.width, ds.height)
 
     def _file(self) -> int:
