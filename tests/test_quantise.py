@@ -171,3 +171,20 @@ def test_compiled_gather_refuses_what_would_read_or_write_outside():
             kernel.rect16(src.view(np.uint16), offset, rows, cols, stride, big, 0, out, 0, cols)
     with pytest.raises(ValueError, match="outside"):  # past the output's end
         kernel.rect16(src.view(np.uint16), 0, 2, 10, 20, big, 0, out, 0, 10)
+
+
+def test_percentiles_are_numpys_to_the_bit():
+    """The fit's own percentiles (no numpy.ma import) equal np.percentile's, dtype too."""
+    from sarkit.raster.quantise import percentiles
+
+    rng = np.random.default_rng(4)
+    for n, dtype in ((1, np.float32), (2, np.float64), (999, np.float32), (100_000, np.float32)):
+        values = (rng.standard_exponential(n) * 3).astype(dtype)
+        qs = [0.0, 1.0, 37.3, 99.5, 100.0]
+        want = np.percentile(values, qs)
+        got = percentiles(values, qs)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    values = np.array([0.5, np.inf, 2.0, 1.0], np.float32)
+    with np.errstate(invalid="ignore"):  # inf - inf in both lerps
+        want, got = np.percentile(values, [10.0, 90.0]), percentiles(values, [10.0, 90.0])
+    assert np.array_equal(got, want, equal_nan=True)

@@ -68,8 +68,7 @@ def scene_tags(
         profile.update(crs=crs, transform=Affine(1, 0, 0, 0, -1, 1))
     with warnings.catch_warnings(), MemoryFile() as mem:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with mem.open(**profile) as ds:
-            ds.write(np.zeros((1, 1, 1), np.uint8))
+        with mem.open(**profile) as ds:  # no pixels written: GDAL fills the block on close
             ds.update_tags(**metadata)
         tags = read_tags(mem.read())
     return {tag: tags[tag] for tag in SCENE_TAGS if tag in tags}
