@@ -373,9 +373,9 @@ class SceneJob:
     ) -> tuple[np.ndarray | None, float]:
         """The tile's bytes (None if it is mostly nodata) and its nodata fraction.
 
-        With a lookup table, a whole window first goes through the screening table (unless
-        the in-place path already did, `screened`): when no pixel lands on 0 there, none is
-        nodata, and the mask's passes are skipped."""
+        With a lookup table, a whole window first goes through the screening tables (unless
+        the in-place path already did: the `screened` flag); where the method `screened`
+        proves it holds no nodata, the mask's passes are skipped."""
         if self.lut is not None and valid is None and not screened:
             pixels = self.screened(lambda table: gather(values, table))
             if pixels is not None:
