@@ -4,27 +4,41 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
-console = Console(stderr=True, highlight=False)
-_state = {"quiet": False, "debug": False}
+_state: dict[str, Any] = {"quiet": False, "debug": False, "console": None}
+
+
+def __getattr__(name: str) -> Any:
+    # `log.console` is made on first use: rich takes 25 ms to import, and a --quiet run
+    # (a pipeline's middle stage, say) never prints through it
+    if name == "console":
+        return _console()
+    raise AttributeError(name)
+
+
+def _console() -> Console:
+    if _state["console"] is None:
+        from rich.console import Console
+
+        _state["console"] = Console(stderr=True, highlight=False, quiet=_state["quiet"])
+    return _state["console"]
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
 
 
 def configure(quiet: bool = False, debug: bool = False) -> None:
     _state["quiet"] = quiet
     _state["debug"] = debug
-    console.quiet = quiet
+    if _state["console"] is not None:
+        _state["console"].quiet = quiet
 
 
 def is_debug() -> bool:
@@ -32,33 +46,43 @@ def is_debug() -> bool:
 
 
 def info(message: str) -> None:
-    console.print(message, markup=False)
+    _console().print(message, markup=False)
 
 
 def debug(message: str) -> None:
     if _state["debug"]:
-        console.print(f"[dim]{message}[/dim]")
+        _console().print(f"[dim]{message}[/dim]")
 
 
 def error(message: str) -> None:
     """Errors are printed even under --quiet: a user must learn what was skipped."""
+    from rich.console import Console
+
     Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    _console().print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 @contextlib.contextmanager
 def progress(description: str, total: int | None = None) -> Iterator[callable]:
     """A progress bar on stderr; yields `advance(n=1)`. Silent under --quiet."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
-        console=console,
+        console=_console(),
         transient=True,
         disable=_state["quiet"],
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rich.table import Table
-
 from sarkit import log
 
 
@@ -40,6 +38,10 @@ class Report:
         return bool(self.errors)
 
     def print_summary(self) -> None:
+        if log.is_quiet():  # not shown: skip rich's import and the table
+            return
+        from rich.table import Table
+
         table = Table(title=f"sarkit {self.stage}", title_justify="left", show_header=True)
         table.add_column("outcome")
         table.add_column("count", justify="right")

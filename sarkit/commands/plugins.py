@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from sarkit import plugins
 
@@ -20,6 +18,9 @@ def command(
         for info in infos:
             print(json.dumps(info.__dict__))
         return
+    from rich.console import Console  # only here: every command would pay for its import
+    from rich.table import Table
+
     table = Table(title="sarkit plugins", title_justify="left")
     for column in ("plugin", "version", "from", "hooks"):
         table.add_column(column, overflow="fold")
