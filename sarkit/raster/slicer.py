@@ -351,13 +351,13 @@ class SceneJob:
         are dark signal (real scenes have some in most tiles): a second pass through a table
         that screens only NaN and infinities settles it without the mask's passes."""
         got = gather(self.screen)
-        if got is None or got[1] == 0:
-            return None if got is None else got[0]
-        if self.nonfinite_screen is not None and got[1] < ZERO_RUN * ZERO_RUN:
+        if (
+            got is not None
+            and 0 < got[1] < ZERO_RUN * ZERO_RUN
+            and self.nonfinite_screen is not None
+        ):
             got = gather(self.nonfinite_screen)
-            if got is not None and got[1] == 0:
-                return got[0]
-        return None
+        return got[0] if got is not None and got[1] == 0 else None
 
     def quantise_in_place(self, spec: TileSpec) -> np.ndarray | None:
         """An uncompressed scene's tile, quantised from the page cache with no read (see
@@ -369,14 +369,14 @@ class SceneJob:
         return self.screened(lambda table: self.mapped.gather(*window, table))
 
     def quantise(
-        self, values: np.ndarray, valid: np.ndarray | None, screened: bool = False
+        self, values: np.ndarray, valid: np.ndarray | None, already_screened: bool = False
     ) -> tuple[np.ndarray | None, float]:
         """The tile's bytes (None if it is mostly nodata) and its nodata fraction.
 
         With a lookup table, a whole window first goes through the screening tables (unless
-        the in-place path already did: the `screened` flag); where the method `screened`
-        proves it holds no nodata, the mask's passes are skipped."""
-        if self.lut is not None and valid is None and not screened:
+        the in-place path `already_screened` it); where they prove it holds no nodata, the
+        mask's passes are skipped."""
+        if self.lut is not None and valid is None and not already_screened:
             pixels = self.screened(lambda table: gather(values, table))
             if pixels is not None:
                 return pixels, 0.0
@@ -400,7 +400,9 @@ class SceneJob:
             pixels, frac = self.quantise_in_place(spec), 0.0
             if pixels is None:  # a whole window the in-place path saw was screened there
                 values, valid = self.read(datasets.get(), spec)
-                pixels, frac = self.quantise(values, valid, screened=self.mapped is not None)
+                pixels, frac = self.quantise(
+                    values, valid, already_screened=self.mapped is not None
+                )
             if pixels is None:
                 return TileResult(spec, path, "nodata", frac)
             if self.encoder is not None:
