@@ -282,9 +282,9 @@ def test_screened_tiles_agree_with_the_exact_mask(tmp_path):
             seen.add(round(frac, 4))
     assert seen == {0.0, round(1 / 1024, 4), round(24 * 24 / 1024, 4)}
     assert job.quantise(data[:32, :32].copy(), None)[0][3, 3] > 0
-    # which path each tile took: the isolated zero needs the second (NaN-only) table
-    # the isolated zero needs the second (NaN-only) table; so does the NaN's tile, which
-    # it then sends to the exact mask; the corner's and the 180 zeros' tiles go straight
+    # which path each tile took: the isolated zero needs the second (NaN-only) table; so
+    # does the NaN's tile, which it then sends to the exact mask; the corner's and the 180
+    # zeros' tiles go straight to the exact mask
     for r0, c0, tables, exact in ((0, 0, 2, False), (0, 32, 2, True), (32, 0, 1, True),
                                   (32, 32, 1, True)):  # fmt: skip
         values = data[r0 : r0 + 32, c0 : c0 + 32].copy()
