@@ -46,7 +46,7 @@ def is_debug() -> bool:
 
 
 def info(message: str) -> None:
-    _console().print(message, markup=False)
+    _console().print(message, markup=False, soft_wrap=True)  # a path is never cut
 
 
 def debug(message: str) -> None:

@@ -126,11 +126,15 @@ def test_gcp_only_scene(tmp_path):
         assert len(gcps) == 4 and crs.to_epsg() == 4326
 
 
-def test_all_nodata_scene_skips_every_tile(tmp_path):
-    scene = write(tmp_path / "empty.tif", np.full((40, 40), np.nan, np.float32), nodata=np.nan)
-    proc = sarkit("slice", scene, "-o", tmp_path / "t", "-g", "40", check=0)
-    assert proc.stdout == ""
+@pytest.mark.parametrize(("fill", "tag"), [(np.nan, np.nan), (0.0, None)])
+def test_all_nodata_scene_is_named_and_fails(tmp_path, fill, tag):
+    """All NaN, or all zero with no nodata tag (a zero fill): no tile, and the scene named."""
+    scene = write(tmp_path / "empty.tif", np.full((40, 40), fill, np.float32), nodata=tag)
+    good = write(tmp_path / "good.tif", speckle((40, 40)))
+    proc = sarkit("slice", scene, good, "-o", tmp_path / "t", "-g", "40", check=1)
+    assert {r["scene"] for r in records(proc)} == {str(good)}
     assert "mostly nodata" in proc.stderr
+    assert f"{scene}: every tile was nodata" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_one_pixel_scene(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
+import secrets
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -27,10 +28,11 @@ from affine import Affine
 from rasterio.control import GroundControlPoint
 from rasterio.windows import Window
 
-from sarkit import sensors
+from sarkit import log, sensors
 from sarkit.atomic import atomic_path, write_chunks
 from sarkit.errors import SarkitError, UsageError
 from sarkit.plugins import lookup
+from sarkit.raster import provenance, radiometry
 from sarkit.raster.mapped import MappedBand
 from sarkit.raster.prefetch import SUPPORTED as CAN_PREFETCH
 from sarkit.raster.prefetch import BlockIndex, Prefetcher
@@ -83,6 +85,8 @@ class SliceOptions:
     compress: str = "zstd"
     overwrite: bool = False
     pixel_size: float | None = None
+    #: tells this run's scene claims from an earlier run's (see provenance.claim)
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 @dataclass
@@ -125,12 +129,9 @@ def parse_nodata(value: str, scene: Scene) -> NodataRule:
         raise UsageError(f"--nodata must be auto, none or a number, not '{value}'") from None
 
 
-def scene_radiometry(options: SliceOptions, scene: Scene, profile) -> str:
-    if options.radiometry != "auto":
-        return options.radiometry
-    if scene.dtype.startswith("complex") or scene.dtype == "uint8":
-        return "amplitude"
-    return profile.radiometry
+#: a scene whose sampled pixels fall this much on one grey level gives blank tiles
+CONSTANT_SHARE = 0.98
+CONSTANT_MIN_SAMPLE = 64  #: fewer sampled pixels than this say nothing about contrast
 
 
 def tile_sizes(scene: Scene, options: SliceOptions, pixel_m: tuple[float, float]) -> list:
@@ -174,18 +175,29 @@ def fit_windows(ds, band: int) -> list[Window]:
     ]
 
 
-def fit_quantiser(
-    ds, band: int, nodata: NodataRule, radiometry: str, quantiser, windows: list[Window]
-) -> dict[str, Any]:
-    """Scene-level parameters from the sample (not per tile, so neighbouring tiles agree)."""
+def read_sample(ds, band: int, nodata: NodataRule, windows: list[Window]) -> np.ndarray:
+    """The valid raw pixels of the fit windows, thinned to about FIT_PIXELS: the blocks give
+    the spatial spread; a million of their pixels pin percentiles to well under one output
+    level, at a third of the sort's time on the whole sample."""
     pieces = []
     for window in windows:
         values = ds.read(band, window=window)
-        pieces.append(to_amplitude(values[nodata.mask(values)], radiometry))
+        pieces.append(values[nodata.mask(values)])
     sample = np.concatenate(pieces) if pieces else np.empty(0, np.float32)
-    # the blocks give the spatial spread; a million of their pixels pin percentiles to well
-    # under one output level, at a third of the sort's time on the whole sample
-    return quantiser.fit(sample[:: max(1, sample.size // FIT_PIXELS)])
+    return sample[:: max(1, sample.size // FIT_PIXELS)]
+
+
+def fit_quantiser(sample: np.ndarray, radiometry: str, quantiser) -> dict[str, Any]:
+    """Scene-level parameters from the sample (not per tile, so neighbouring tiles agree)."""
+    return quantiser.fit(to_amplitude(sample, radiometry))
+
+
+def band_units(ds, band: int) -> list[str]:
+    """The band's unit and unit-like metadata (what a product says its values are in)."""
+    units = [ds.units[band - 1] or ""] if ds.units else []
+    for tags in (ds.tags(band), ds.tags()):
+        units += [str(v) for k, v in tags.items() if "UNIT" in k.upper()]
+    return units
 
 
 class _ThreadDatasets(threading.local):
@@ -247,7 +259,6 @@ class SceneJob:
         self.pixel_m = pixel_m
         self.sizes = tile_sizes(scene, options, pixel_m)
         self.nodata = parse_nodata(options.nodata, scene)
-        self.radiometry = scene_radiometry(options, scene, self.profile)
         qname = options.quantiser
         if qname == "auto":
             qname = "none" if scene.dtype == "uint8" else "log-percentile"
@@ -271,9 +282,18 @@ class SceneJob:
                     )
                     for spec in self.specs[:PREFETCH_AHEAD]:
                         self.prefetch(spec)
-                self.params = fit_quantiser(
-                    ds, self.band, self.nodata, self.radiometry, self.quantiser, windows
+                sample = read_sample(ds, self.band, self.nodata, windows)
+                self.radiometry, self.radiometry_reason = radiometry.decide(
+                    options.radiometry,
+                    path,
+                    scene.dtype,
+                    band_units(ds, self.band),
+                    self.profile.name,
+                    self.profile.radiometry,
+                    sample,
                 )
+                self.params = fit_quantiser(sample, self.radiometry, self.quantiser)
+                self.check_contrast(sample)
                 self.lut = build_lut(self.quantiser, self.params, scene.dtype, self.radiometry)
                 if self.lut is not None:  # the in-place path is a table lookup
                     self.mapped = MappedBand.probe(ds, self.band, blocks)
@@ -288,14 +308,40 @@ class SceneJob:
             self.screen = screening_lut(self.lut, scene.dtype, self.nodata.candidates())
             if self.nodata.zero_runs:  # see screened()
                 self.nonfinite_screen = screening_lut(self.lut, scene.dtype, [])
+        if options.radiometry == "auto":
+            log.info(f"{path}: radiometry {self.radiometry} ({self.radiometry_reason})")
+        self.provenance = provenance.digest(
+            {
+                "scene": provenance.scene_identity(path),
+                "band": self.band,
+                "pixel_m": self.pixel_m,
+                "sizes": self.sizes,
+                "keep_partial": options.keep_partial,
+                "min_coverage": options.min_coverage,
+                "radiometry": self.radiometry,
+                "nodata": [self.nodata.value, self.nodata.zero_runs],
+                "quantiser": self.quantiser.name,
+                "params": self.params,
+                "compress": options.compress,
+            }
+        )
+        try:
+            provenance.claim(
+                Path(options.out_dir) / path.stem, path, options.run_id, options.overwrite
+            )
+        except BaseException:
+            self.close()
+            raise
         if partial:
             report.skip("partial edge tile", partial)
         self.emitted: dict[int, str] = {}
+        self.nodata_tiles = 0
         self.tags = {
             "SARKIT_SCENE": str(path),
             "SARKIT_SENSOR": self.profile.name,
             "POLARIZATION": self.polarization or "",
             "SARKIT_QUANTISER": self.quantiser.name,
+            provenance.TAG: self.provenance,
         }
         # GCP-georeferenced tiles, deflate and LZW are written through a GDAL dataset each
         largest = max((s.width * s.height for s in self.specs), default=0)
@@ -304,6 +350,22 @@ class SceneJob:
             if not scene.gcps and TileEncoder.supports(options.compress, largest)
             else None
         )
+
+    def check_contrast(self, sample: np.ndarray) -> None:
+        """A scene whose sample quantises to (nearly) one grey level gives blank tiles:
+        wrong radiometry or quantiser for its values, or a flat scene. Never passed on."""
+        if sample.size < CONSTANT_MIN_SAMPLE:
+            return
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            levels = self.quantiser.apply(to_amplitude(sample, self.radiometry), self.params, None)
+        share = radiometry.constant_share(levels)
+        if share >= CONSTANT_SHARE:
+            raise SarkitError(
+                f"{self.path}: its tiles would be nearly constant ({100 * share:.0f}% of the "
+                f"sampled pixels on one grey level) with radiometry {self.radiometry} "
+                f"({self.radiometry_reason}) and quantiser {self.quantiser.name}; check "
+                "--radiometry and --quantiser (a flat scene holds nothing to caption)"
+            )
 
     def tile_id(self, spec: TileSpec) -> str:
         return f"{self.path.stem}/{spec.scale}/r{spec.row:03d}_c{spec.col:03d}"
@@ -330,12 +392,18 @@ class SceneJob:
         full[inner], full_valid[inner] = values, valid
         return full, full_valid
 
-    @staticmethod
-    def check_existing(path: Path) -> float | None:
-        """A tile from an earlier run, if it reads back whole: its nodata fraction; None if
-        it is damaged (e.g. cut short by a power loss) and must be written again."""
+    def check_existing(self, path: Path, spec: TileSpec) -> float | None:
+        """A tile from an earlier run, if this run would write the same (its provenance
+        matches; see :mod:`sarkit.raster.provenance`) and it reads back whole: its nodata
+        fraction. None: it is another run's, or damaged (e.g. cut short by a power loss),
+        and must be written again."""
         try:
             with rasterio.open(path) as existing:
+                if existing.tags().get(provenance.TAG) != self.provenance or (
+                    existing.height,
+                    existing.width,
+                ) != (spec.height, spec.width):
+                    return None
                 return float(np.mean(existing.read(1) == NODATA_OUT))
         except rasterio.errors.RasterioError:
             return None
@@ -394,9 +462,10 @@ class SceneJob:
         path = self.tile_path(spec)
         try:
             if path.exists() and not self.options.overwrite:
-                frac = self.check_existing(path)
+                frac = self.check_existing(path, spec)
                 if frac is not None:
-                    return TileResult(spec, path, "exists", frac)
+                    status = "nodata" if frac > self.options.max_nodata else "exists"
+                    return TileResult(spec, path, status, frac)
             pixels, frac = self.quantise_in_place(spec), 0.0
             if pixels is None:  # a whole window the in-place path saw was screened there
                 values, valid = self.read(datasets.get(), spec)
@@ -440,6 +509,11 @@ class SceneJob:
                         yield from self.finish(*pending.popleft())
                 while pending:
                     yield from self.finish(*pending.popleft())
+            if self.specs and not self.emitted and self.nodata_tiles == len(self.specs):
+                self.report.error(
+                    f"{self.path}: every tile was nodata (NaN, the nodata value or zero "
+                    "fill); nothing sliced (see --nodata and --max-nodata)"
+                )
         except BrokenProcessPool:  # killed: out of memory, or a bus error in a shrunk map
             raise SarkitError(
                 f"{self.path}: a worker process died while slicing it (out of memory, or the "
@@ -476,6 +550,7 @@ class SceneJob:
         spec = result.spec
         if result.status == "nodata":
             self.report.skip("mostly nodata")
+            self.nodata_tiles += 1
             return
         if result.status == "error":
             self.report.error(
@@ -520,6 +595,7 @@ class SceneJob:
             "polarization": self.polarization,
             "band_index": self.band,
             "radiometry": self.radiometry,
+            "radiometry_reason": self.radiometry_reason,
             "quantiser": {"name": self.quantiser.name, **self.params},
             "nodata_frac": round(result.nodata_frac, 6),
             "coverage": round(spec.coverage, 6),
