@@ -294,11 +294,19 @@ def _resolve_path(record: dict, dirs: list[str]) -> str:
     return str(path)
 
 
+def dropped_by_filter(record: dict) -> bool:
+    """A record `filter --mark` rejected: passed through uncaptioned (no money spent on it)."""
+    quality = record.get("quality")
+    return isinstance(quality, dict) and quality.get("keep") is False
+
+
 def _gather(
     items: Iterable[Any], report: Report, limit: int | None, dirs: list[str]
 ) -> list[tuple[dict, str]]:
+    """The records in input order; --limit counts only those to caption."""
     seen: set[str] = set()
     out: list[tuple[dict, str]] = []
+    wanted = 0
     for n, item in enumerate(items, start=1):
         record = item.record if isinstance(item, Located) else item
         rid = record.get("id")
@@ -313,7 +321,11 @@ def _gather(
             continue
         seen.add(rid)
         out.append((record, _resolve_path(record, dirs)))
-        if limit is not None and len(out) >= limit:
+        if dropped_by_filter(record):
+            report.skip("dropped by filter")
+            continue
+        wanted += 1
+        if limit is not None and wanted >= limit:
             break
     return out
 
@@ -357,6 +369,7 @@ def dry_run(records, options, templates, model, client, report) -> None:
     total_in = total_out = 0
     stages: dict[str, str] = {}
     ids = {r["id"] for r, _ in records}
+    records = [(r, p) for r, p in records if not dropped_by_filter(r)]
     for n, (record, path) in enumerate(records):
         pid = record.get("parent")
         stage = scale_stage(record, stages.get(pid) if pid else None)
@@ -418,21 +431,30 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
     index = {r["id"]: i for i, (r, _) in enumerate(records)}
     children: dict[int, list[int]] = collections.defaultdict(list)
     ready: collections.deque[Job] = collections.deque()
+    results: list[Any] = [_PENDING] * n
+    dropped = {i for i, (record, _) in enumerate(records) if dropped_by_filter(record)}
     for i, (record, path) in enumerate(records):
         pid = record.get("parent")
-        if pid and pid in index:
+        if i in dropped:
+            results[i] = record  # passed through as it came
+        elif pid and pid in index and index[pid] not in dropped:
             children[index[pid]].append(i)
         else:
-            note = f"parent {pid} is not in this input" if pid else None
+            note = None
+            if pid:
+                note = (
+                    f"parent {pid} was dropped by filter"
+                    if pid in index
+                    else f"parent {pid} is not in this input"
+                )
             ready.append(Job(i, record, path, parent_note=note))
-    reachable = {job.index for job in ready}
+    reachable = {job.index for job in ready} | dropped
     stack = list(reachable)
     while stack:
         for c in children.get(stack.pop(), []):
             if c not in reachable:
                 reachable.add(c)
                 stack.append(c)
-    results: list[Any] = [_PENDING] * n
     for i in sorted(set(range(n)) - reachable):  # parent links that loop: bad input
         results[i] = None
         report.error(f"{records[i][0]['id']}: its parent links form a cycle; skipped")
@@ -487,7 +509,7 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                 )
 
     try:
-        with log.progress(f"caption ({cap.model.name})", total=n) as advance:
+        with log.progress(f"caption ({cap.model.name})", total=n - len(dropped)) as advance:
             while ready or inflight:
                 while ready and len(inflight) < 2 * workers and not stopping:
                     job = ready.popleft()
@@ -528,6 +550,10 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
                     if results[next_out] is not None:
                         yield results[next_out]
                     next_out += 1
+            # records passed through with nothing to caption after them
+            for result in results[next_out:]:
+                if result is not None and result is not _PENDING:
+                    yield result
     except (KeyboardInterrupt, GeneratorExit):
         # Ctrl-C, or the reader went away: stop at once; requests in flight are abandoned
         # (daemon threads) and never journaled. The command says how to resume.
@@ -537,7 +563,15 @@ def _run(records: list[tuple[dict, str]], cap: Captioner, report: Report) -> Ite
     finally:
         pool.shutdown(wait=not options.stop_event.is_set())
     if fatal is not None:
-        raise SarkitError(str(fatal)) from None
+        where = (
+            f"finished tiles are kept in the journal {cap.journal.path}; rerun the same "
+            "command to resume"
+            if cap.journal is not None
+            else "nothing was kept: add --journal FILE to make a run resumable"
+        )
+        raise SarkitError(
+            f"{fatal}; stopped after {report.done} captioned tiles: {where}"
+        ) from None
     for key in ("from journal", "retries"):
         if totals[key]:
             report.notes[key] = totals[key]

@@ -18,8 +18,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sarkit import log
+from sarkit.errors import SarkitError, UsageError
 from sarkit.llm.base import Answer, BackendError, BackendFatal, Model, Request
 
 NAME = "openai"
@@ -28,6 +30,9 @@ KEY_ENVS = ("SARKIT_API_KEY", "OPENAI_API_KEY")
 KEYS_FILE_ENV = "SARKIT_KEYS_FILE"
 DEFAULT_KEYS_FILE = Path("~/.config/sarkit/keys.json")
 MAX_RETRY_AFTER_S = 60.0
+#: connection-level failures in a row (any tiles, no answer between) that end the run: a
+#: dead endpoint would otherwise cost every tile its whole retry schedule
+CONNECT_STREAK = 4
 
 MODELS = [
     Model(
@@ -106,25 +111,70 @@ MODELS = [
 ]
 
 
-def api_key(keys_file: str | None = None) -> str | None:
-    """The key from SARKIT_API_KEY, OPENAI_API_KEY, or a keys file ({"openai": KEY})."""
+def api_key(keys_file: str | None = None, required: bool = False) -> str | None:
+    """The key from --keys-file, else SARKIT_API_KEY or OPENAI_API_KEY, else the keys file
+    of SARKIT_KEYS_FILE or ~/.config/sarkit/keys.json ({"openai": KEY}).
+
+    A --keys-file must exist; any keys file read must be a JSON object, and one that was
+    named (option or variable) or is needed (`required`) must hold an entry for this
+    backend. Errors name the file, never a byte of its content."""
+    if keys_file:
+        return _key_from_file(Path(keys_file).expanduser(), "--keys-file", True)
     for env in KEY_ENVS:
         value = os.environ.get(env, "").strip()
         if value:
             return value
-    path = Path(keys_file or os.environ.get(KEYS_FILE_ENV) or DEFAULT_KEYS_FILE).expanduser()
-    if not path.is_file():
+    named = os.environ.get(KEYS_FILE_ENV)
+    path = keys_file_path()
+    if not path.exists():
         return None
-    text = path.read_text(encoding="utf-8").strip()
+    return _key_from_file(path, KEYS_FILE_ENV if named else "", required or bool(named))
+
+
+def keys_file_path() -> Path:
+    """The keys file read when neither --keys-file nor a key variable is set."""
+    return Path(os.environ.get(KEYS_FILE_ENV) or DEFAULT_KEYS_FILE).expanduser()
+
+
+def _key_from_file(path: Path, given_as: str, need_entry: bool) -> str | None:
+    where = f"{path} ({given_as})" if given_as else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SarkitError(f"{where}: no such keys file") from None
+    except IsADirectoryError:
+        raise SarkitError(f"{where}: is a folder, expected a JSON keys file") from None
+    except UnicodeDecodeError:
+        raise SarkitError(
+            f'{where}: not UTF-8 text, expected JSON like {{"openai": KEY}}'
+        ) from None
+    except OSError as exc:
+        raise SarkitError(f"{where}: cannot read the keys file ({exc.strerror})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return text if text and "\n" not in text else None
-    if isinstance(data, dict):
-        for name in (NAME, "default"):
-            if isinstance(data.get(name), str) and data[name].strip():
-                return data[name].strip()
+    except json.JSONDecodeError as exc:  # its message quotes no content, only a position
+        raise SarkitError(
+            f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); expected "
+            '{"openai": "KEY"}'
+        ) from None
+    if not isinstance(data, dict):
+        raise SarkitError(f'{where}: expected a JSON object like {{"openai": "KEY"}}')
+    for name in (NAME, "default"):
+        value = data.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    if need_entry:
+        raise SarkitError(f'{where}: no "{NAME}" entry with a key (expected {{"openai": "KEY"}})')
     return None
+
+
+def check_url(url: str, given_as: str) -> str:
+    """An http(s) URL with a host, or a usage error before the first request."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        hint = f"; did you mean http://{url}" if "://" not in url else ""
+        raise UsageError(f"{given_as} '{url}' is not an http:// or https:// URL{hint}")
+    return url
 
 
 class Retryable(Exception):
@@ -180,19 +230,20 @@ class OpenAIClient:
         import httpx
 
         self.model = model
-        self.base_url = (
-            getattr(options, "base_url", None)
-            or (os.environ.get("OPENAI_BASE_URL") if model.base_url == OPENAI_URL else None)
-            or model.base_url
-            or OPENAI_URL
+        given = getattr(options, "base_url", None)
+        env_url = os.environ.get("OPENAI_BASE_URL") if model.base_url == OPENAI_URL else None
+        self.base_url = check_url(
+            given or env_url or model.base_url or OPENAI_URL,
+            "--base-url" if given else ("OPENAI_BASE_URL" if env_url else f"--llm {model.name}"),
         ).rstrip("/")
         self.model_id = getattr(options, "model_id", None) or model.sent_id
-        self._key = api_key(getattr(options, "keys_file", None))
         dry = bool(getattr(options, "dry_run", False))
+        needed = model.needs_key and self.base_url == OPENAI_URL and not dry
+        self._key = api_key(getattr(options, "keys_file", None), required=needed)
         if self._key is None and model.needs_key and self.base_url == OPENAI_URL and not dry:
             raise BackendFatal(
                 f"--llm {model.name} needs an API key: set OPENAI_API_KEY or SARKIT_API_KEY, "
-                f'or write {{"openai": "KEY"}} to {DEFAULT_KEYS_FILE} (or --keys-file)'
+                f'or write {{"openai": "KEY"}} to {keys_file_path()} (or --keys-file)'
             )
         self.timeout = float(getattr(options, "timeout", 120.0))
         self.retries = int(getattr(options, "retries", 6))
@@ -205,6 +256,8 @@ class OpenAIClient:
         # next tiles (read, PNG, prompt) meanwhile, so preparation never idles a slot
         self._slots = threading.BoundedSemaphore(concurrency)
         self.prefetch = min(concurrency, 4)
+        self._streak = 0  # connection-level failures in a row, over all threads
+        self._streak_lock = threading.Lock()
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -257,10 +310,17 @@ class OpenAIClient:
                 if self.stop.is_set():
                     raise BackendError("interrupted")
                 response = self._http.post("/chat/completions", json=body)
+        except httpx.UnsupportedProtocol as exc:
+            raise BackendFatal(f"{self.base_url}: unsupported URL ({exc})") from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._unreachable(exc)
+            raise Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException as exc:
             raise Retryable(f"timed out after {self.timeout:g} s ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+        with self._streak_lock:
+            self._streak = 0  # the server answered: whatever failed before was passing
         status = response.status_code
         if status == 429 or status >= 500:
             raise Retryable(
@@ -285,6 +345,19 @@ class OpenAIClient:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise Retryable(f"malformed response body ({type(exc).__name__})") from None
         return data
+
+    def _unreachable(self, exc: Exception) -> None:
+        """Count a failure to connect (refused, DNS, TLS, connect timeout); a few in a row
+        with no answer between stop the run instead of costing every tile its retries."""
+        with self._streak_lock:
+            self._streak += 1
+            streak = self._streak
+        if streak >= CONNECT_STREAK:
+            reason = self.scrub(str(exc)) or type(exc).__name__
+            raise BackendFatal(
+                f"{self.base_url}: cannot connect ({type(exc).__name__}: {reason}; "
+                f"{streak} attempts in a row failed); is the server running?"
+            ) from None
 
     def _post(self, body: dict) -> tuple[dict, int]:
         import tenacity
