@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 
 import numpy as np
 
 
-def read_gray(path: str, max_side: int = 1024) -> tuple[np.ndarray, float]:
-    """The tile as uint8 grayscale at most `max_side` pixels a side, and the decimation factor.
+class TileImageError(OSError):
+    """One tile the LLM cannot read (the shared reader's message: path and why).
 
-    GeoTIFF tiles are single-band uint8 (0 = nodata); JPEG/PNG chips stored as RGB are
-    averaged to gray. Large tiles are block-averaged in numpy rather than by GDAL, whose
-    average resampling would skip zero pixels when the file tags 0 as nodata and so brighten
-    dark speckle (zeros are common in dark SAR areas); a block that is all nodata stays 0.
+    Not a SarkitError on purpose: the caption chain stops the whole run on a SarkitError
+    raised while it prepares a prompt (a bad template is everyone's problem) and fails only
+    the tile on anything else, which is what an unreadable tile deserves.
     """
-    import rasterio
 
-    with rasterio.open(path) as src:
-        bands = list(range(1, min(src.count, 3) + 1))
-        data = src.read(bands)
-    if data.dtype != np.uint8:
-        data = np.clip(np.nan_to_num(data), 0, 255)
-    gray = data.astype(np.float32).mean(axis=0) if len(bands) > 1 else data[0].astype(np.float32)
-    k = max(1, math.ceil(max(gray.shape) / max_side))
-    if k > 1:
-        h, w = (gray.shape[0] // k) * k, (gray.shape[1] // k) * k
-        gray = gray[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
-    return np.asarray(np.round(gray), dtype=np.uint8), float(k)
+
+def read_gray(path: str, max_side: int = 1024) -> tuple[np.ndarray, float]:
+    """The tile as uint8 grey at most `max_side` pixels a side, and the decimation factor.
+
+    The pixels are the shared reader's (`sarkit.raster.tileread`), so the LLM sees what the
+    filter measured and the model trains on; large tiles are block-mean decimated with
+    zeros kept (dark speckle stays dark). Raises TileImageError for an unreadable tile.
+    """
+    from sarkit.raster.tileread import TileReadError, block_mean, read_u8
+
+    try:
+        gray = read_u8(path)
+    except TileReadError as exc:
+        raise TileImageError(str(exc)) from exc
+    small, k = block_mean(gray, max_side)
+    return small, float(k)
 
 
 def png_data_url(path: str, max_side: int = 1024) -> tuple[str, tuple[int, int]]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from sarkit.raster.tileread import TileReadError, read_u8
+
 #: Bump when a feature's definition changes: records measured under another version are
 #: measured again instead of reused (see ``sarkit.quality.screen.reusable``).
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"  # 2: pixels from sarkit.raster.tileread
 #: Defaults for the feature step; change them and every tile must be measured again.
 WORKING_SIZE = 256
 GLCM_LEVELS = 32
@@ -41,10 +42,6 @@ STRUCTURE_REF = {"glcm_correlation_d1": 0.05, "edge_density": 0.001, "bright_cel
 #: Smallest DN span stretched over the GLCM levels (see `quantise_levels`).
 MIN_SPAN = 32.0
 PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
-
-
-class TileReadError(Exception):
-    """A tile file is missing or cannot be decoded; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -67,88 +64,11 @@ class Tile:
     block: int
 
 
-def _to_gray_uint8(data: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Bands -> one grey band; non-8-bit data is stretched to 1..255 with 0 for nodata."""
-    if data.ndim == 3:
-        if data.shape[0] >= 3:
-            # RGB (e.g. HRSID JPEGs store grey as RGB): ITU-R 601 luma, as PIL's "L" mode
-            valid = None if nodata is None else np.all(data[:3] != nodata, axis=0)
-            if data.dtype == np.uint8:
-                w = [np.uint32(c) for c in (299, 587, 114)]
-                luma = (data[0] * w[0] + data[1] * w[1] + data[2] * w[2] + 500) // 1000
-                luma = luma.astype(np.uint8)
-            else:
-                luma = 0.299 * data[0] + 0.587 * data[1] + 0.114 * data[2]
-            if valid is not None:
-                luma[~valid] = 0
-                nodata = 0
-            data = luma
-        else:
-            data = data[0]
-    if data.dtype == np.uint8 and nodata in (None, 0):
-        return data
-    values = data.astype(np.float64)
-    valid = np.isfinite(values)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-        valid &= values != nodata
-    if data.dtype.kind in "ui" and (not valid.any() or values[valid].max() <= 255):
-        out = np.clip(values, 0, 255)
-        out[~valid] = 0
-        return out.astype(np.uint8)
-    out = np.zeros(values.shape, np.uint8)
-    if valid.any():
-        lo, hi = np.percentile(values[valid], [0.5, 99.5])
-        scaled = (values[valid] - lo) * (254.0 / max(hi - lo, 1e-12))
-        out[valid] = (np.clip(scaled, 0, 254) + 1).astype(np.uint8)
-    return out
-
-
-#: Formats PIL decodes faster than GDAL (its JPEG decoder can produce grey directly).
-PIL_FIRST = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
-
-
-def _read_gdal(p: Path) -> np.ndarray:
-    import warnings
-
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(p) as src:
-            data = src.read(indexes=list(range(1, min(src.count, 3) + 1)))
-            nodata = src.nodata
-    return _to_gray_uint8(data if data.shape[0] > 1 else data[0], nodata)
-
-
-def _read_pil(p: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(p) as im:
-        if im.mode in ("I", "I;16", "F"):
-            return _to_gray_uint8(np.asarray(im), None)
-        return np.asarray(im.convert("L"))
-
-
 def read_pixels(path: str | os.PathLike) -> np.ndarray:
-    """Read any raster GDAL or PIL opens as a 2-D uint8 array with 0 = nodata.
-
-    Colour images become grey (ITU-R 601 luma, PIL's "L"); non-8-bit data is stretched to
-    1..255 between its 0.5th and 99.5th percentiles.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise TileReadError(f"tile not found: {p}")
-    readers = [_read_gdal, _read_pil]
-    if p.suffix.lower() in PIL_FIRST:
-        readers.reverse()
-    errors = []
-    for reader in readers:
-        try:
-            return reader(p)
-        except Exception as exc:  # noqa: BLE001 - try the other library, report both
-            errors.append(f"{type(exc).__name__}: {exc}")
-    raise TileReadError(f"tile unreadable: {p} ({'; '.join(errors)})")
+    """The tile as a 2-D uint8 array with 0 = nodata, read by the shared reader
+    (`sarkit.raster.tileread.read_u8`), so the filter measures the pixels the LLM and the
+    model see."""
+    return read_u8(path)
 
 
 def _block_sums(a: np.ndarray, f: int) -> np.ndarray:
@@ -172,7 +92,7 @@ def load_tile(path: str | os.PathLike, working_size: int = WORKING_SIZE) -> Tile
     """Read a tile and reduce it to the working grid."""
     pixels = read_pixels(path)
     if pixels.ndim != 2 or min(pixels.shape) < 8:
-        raise TileReadError(f"tile unreadable: {path} (shape {pixels.shape}, need >= 8x8)")
+        raise TileReadError(f"{path}: tile too small ({pixels.shape}, need >= 8x8)")
     f = max(1, round(min(pixels.shape) / working_size))
     valid = pixels > 0
     counts = _block_sums(valid.view(np.uint8), f)  # bool -> 0/1 without a copy
