@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from sarkit.errors import OutputError
+
 IOV_BATCH = 512  # buffers per writev call (the system's IOV_MAX is at least 1024)
 
 
@@ -33,17 +35,33 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[int, Path]]:
     it is missing (one mkdir per tile would cost the slicer a syscall and an exception)."""
     final = Path(path)
     try:
-        fd, tmp = _create_temp(final)
-    except FileNotFoundError:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(final)
+        try:
+            fd, tmp = _create_temp(final)
+        except FileNotFoundError:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _create_temp(final)
+    except OSError as exc:
+        raise _output_error(final, exc) from None
     try:
         yield fd, tmp
         os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            if exc.filename in (None, str(tmp)):  # the output's own failure, not an input's
+                raise _output_error(final, exc) from None
         raise
+
+
+def _output_error(final: Path, exc: OSError) -> OutputError:
+    """One line naming the file the user asked for (not the hidden temporary one)."""
+    reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, (NotADirectoryError, FileExistsError)) and not final.parent.is_dir():
+        reason = "a path under a regular file"
+    elif isinstance(exc, IsADirectoryError) or final.is_dir():
+        reason = "is a folder, expected a file"
+    return OutputError(exc.errno or 0, f"{final}: cannot write ({reason})")
 
 
 @contextlib.contextmanager

@@ -26,3 +26,13 @@ class RecordError(SarkitError):
         if record_id:
             where += f" ({record_id})"
         super().__init__(f"{where}: {message}")
+
+
+class OutputError(SarkitError, OSError):
+    """An output cannot be written (read-only, under a regular file, no space): named by the
+    path the user gave, not by a temporary file. Still an OSError for code that catches one.
+
+    Made as ``OutputError(errno, message)``, like OSError (so it pickles from a worker)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -59,15 +59,41 @@ class Located:
         return RecordError(self.source, self.line, message, self.id)
 
 
-def _open_source(source: str) -> tuple[str, IO[str]]:
+def _open_source(source: str) -> tuple[str, IO[bytes]]:
+    """The source's name for messages and its bytes: lines are decoded one by one, so one
+    damaged byte costs its own line, not the file."""
     if source == "-":
-        return "<stdin>", sys.stdin
+        return "<stdin>", getattr(sys.stdin, "buffer", None) or _Encoded(sys.stdin)
     path = Path(source)
     if not path.exists():
         raise SarkitError(f"{source}: no such file")
     if path.is_dir():
         raise SarkitError(f"{source}: is a folder, expected a JSON Lines file")
-    return source, open(path, encoding="utf-8")
+    try:
+        return source, open(path, "rb")  # noqa: SIM115 - closed by read_records
+    except OSError as exc:
+        raise SarkitError(f"{source}: cannot read ({exc.strerror})") from None
+
+
+class _Encoded:
+    """Bytes lines from a text stream without a buffer (a test's StringIO)."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (line.encode("utf-8", "surrogateescape") for line in self.stream)
+
+
+def decode_line(source: str, line_no: int, raw: bytes) -> str:
+    """A line as text; a UTF-8 byte-order mark on the first line is dropped."""
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        raise RecordError(source, line_no, message) from None
 
 
 def parse_line(source: str, line_no: int, text: str) -> Record:
@@ -95,16 +121,23 @@ def read_records(
 ) -> Iterator[Located]:
     """Stream records from `sources` (paths, or "-" for stdin; none means stdin).
 
-    Bad lines are reported through `report` and skipped; without a report they raise.
-    Blank lines are ignored.
+    Bad lines, and sources that cannot be read, are reported through `report` and
+    skipped (the other sources go on); without a report they raise. Blank lines are ignored.
     """
     for source in sources or ["-"]:
-        name, fh = _open_source(source)
         try:
-            for line_no, text in enumerate(fh, start=1):
-                if not text.strip():
+            name, fh = _open_source(source)
+        except SarkitError as exc:
+            if report is None:
+                raise
+            report.error(str(exc))
+            continue
+        try:
+            for line_no, raw in enumerate(fh, start=1):
+                if not raw.strip():
                     continue
                 try:
+                    text = decode_line(name, line_no, raw)
                     item = Located(name, line_no, parse_line(name, line_no, text))
                     require(item, required)
                 except RecordError as exc:
@@ -114,8 +147,18 @@ def read_records(
                     continue
                 yield item
         finally:
-            if fh is not sys.stdin:
+            if fh is not getattr(sys.stdin, "buffer", None) and not isinstance(fh, _Encoded):
                 fh.close()
+
+
+def tile_path_problem(record: Record) -> str | None:
+    """What is wrong with a record's tile 'path' as a value (None: a usable string)."""
+    path = record.get("path")
+    if not isinstance(path, str):
+        return f"'path' must be a file path (a string), not {type(path).__name__}"
+    if not path.strip():
+        return "'path' is empty"
+    return None
 
 
 def dumps(record: Record) -> str:

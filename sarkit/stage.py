@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from sarkit.records import Located, Record, RecordWriter, read_records
+from sarkit.records import Located, Record, RecordWriter, read_records, tile_path_problem
 from sarkit.report import Report
 
 Transform = Callable[[Iterator[Located], Report], Iterable[Record]]
+
+
+def with_tile_paths(items: Iterable[Located], report: Report) -> Iterator[Located]:
+    """The records whose 'path' is a non-empty string; the others are reported by line."""
+    for item in items:
+        problem = tile_path_problem(item.record)
+        if problem is not None:
+            report.error(str(item.error(f"{problem}; skipped")))
+            continue
+        yield item
+
+
+def unique_ids(items: Iterable[Located], report: Report) -> Iterator[Located]:
+    """The records whose id was not seen before; a repeat is reported where it is met
+    (naming where the id first came) and skipped, so ids stay keys downstream."""
+    first: dict[str, tuple[str, int]] = {}
+    for item in items:
+        rid = item.id
+        if rid is not None and rid in first:
+            source, line = first[rid]
+            report.error(str(item.error(f"duplicate id (first at {source}:{line}); skipped")))
+            continue
+        if rid is not None:
+            first[rid] = (item.source, item.line)
+        yield item
 
 
 def run_record_stage(

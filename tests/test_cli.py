@@ -26,7 +26,10 @@ def test_bad_input_is_one_line_exit_1_and_debug_shows_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     missing = sarkit("georef", tmp_path / "absent.jsonl")
     assert missing.returncode == 1 and "absent.jsonl: no such file" in missing.stderr
-    debug = sarkit("georef", tmp_path / "absent.jsonl", "--debug")
+    # a bad output ends the run: one line, or its traceback under --debug
+    plain = sarkit("georef", bad, "-o", tmp_path)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    debug = sarkit("georef", bad, "-o", tmp_path, "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 

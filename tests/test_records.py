@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from sarkit.errors import RecordError
+from sarkit.errors import RecordError, SarkitError
 from sarkit.records import RecordWriter, read_records
 from sarkit.report import Report
 
@@ -74,3 +74,31 @@ def test_chunks_are_written_atomically_with_the_umask(tmp_path):
         write_chunks(target, broken())
     assert target.read_bytes() == b"II*\0" + b"x" * 10  # the old file is untouched
     assert [p.name for p in target.parent.iterdir()] == ["tile.tif"]  # no temp left
+
+
+def test_damaged_bytes_cost_their_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"id": "a"}\n{"id": "b\xff"}\n{"id": "c", "t": "caf\xc3\xa9"}\r\n\xc3\n'
+    )
+    report = Report("test")
+    got = [it.record for it in read_records([str(path)], report)]
+    assert got == [{"id": "a"}, {"id": "c", "t": "café"}]
+    assert report.errors == [
+        f"{path}:2: not valid UTF-8 (byte 0xff at column 10)",
+        f"{path}:4: not valid UTF-8 (byte 0xc3 at column 1)",
+    ]
+
+
+def test_an_unreadable_source_is_reported_and_the_others_go_on(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": "a"}\n')
+    report = Report("test")
+    sources = [str(tmp_path / "gone.jsonl"), str(tmp_path), str(good)]
+    assert [it.record["id"] for it in read_records(sources, report)] == ["a"]
+    assert report.errors == [
+        f"{tmp_path / 'gone.jsonl'}: no such file",
+        f"{tmp_path}: is a folder, expected a JSON Lines file",
+    ]
+    with pytest.raises(SarkitError, match="gone.jsonl: no such file"):
+        list(read_records(sources))

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sarkit.errors import SarkitError
+from sarkit.errors import OutputError, SarkitError
 
 
 def entry_key(tile_id: str, backend: str, model: str, prompt_sha256: str) -> str:
@@ -29,8 +29,13 @@ class Journal:
         self.done: dict[str, dict[str, Any]] = {}
         self.torn = 0
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+b")  # noqa: SIM115 - held for the run
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a+b")  # noqa: SIM115 - held for the run
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            message = f"{self.path} (--journal): cannot open ({reason})"
+            raise OutputError(exc.errno or 0, message) from None
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

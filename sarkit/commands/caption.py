@@ -9,8 +9,10 @@ import typer
 from sarkit import log, plugins
 from sarkit.caption import CaptionOptions
 from sarkit.errors import UsageError
+from sarkit.outputs import check_file
+from sarkit.ranges import NON_NEGATIVE, POSITIVE
 from sarkit.report import Report
-from sarkit.stage import run_record_stage
+from sarkit.stage import run_record_stage, with_tile_paths
 
 
 def command(
@@ -19,19 +21,25 @@ def command(
     task: str = typer.Option("auto", "--task", help="terrain, ground, marine or auto (per tile)."),
     output: str = typer.Option(None, "--output", "-o", help="Write records here (atomic)."),
     journal: str = typer.Option(None, "--journal", help="Append-only journal: reruns resume."),
-    concurrency: int = typer.Option(8, "--concurrency", "-j", help="Requests in flight."),
-    max_cost: float = typer.Option(None, "--max-cost", help="Stop before spending more (USD)."),
+    concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, help="Requests in flight."),
+    max_cost: float = typer.Option(
+        None, "--max-cost", parser=NON_NEGATIVE, help="Stop before spending more (USD)."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Show prompts, estimate cost, send nothing."
     ),
-    limit: int = typer.Option(None, "--limit", help="Only the first N records."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N records."),
     base_url: str = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (…/v1)."),
     model_id: str = typer.Option(None, "--model-id", help="Model id sent to the server."),
     keys_file: str = typer.Option(None, "--keys-file", help='JSON {"openai": KEY}.'),
     prompts: str = typer.Option(None, "--prompts", help="HCoT prompts folder (or SARKIT_PROMPTS)."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request."),
-    retries: int = typer.Option(6, "--retries", help="Retries per request on transient errors."),
-    image_size: int = typer.Option(1024, "--image-size", help="Longest side sent to the model."),
+    timeout: float = typer.Option(120.0, "--timeout", parser=POSITIVE, help="Seconds per request."),
+    retries: int = typer.Option(
+        6, "--retries", min=0, help="Retries per request on transient errors."
+    ),
+    image_size: int = typer.Option(
+        1024, "--image-size", min=32, max=8192, help="Longest side sent to the model (px)."
+    ),
     list_models: bool = typer.Option(False, "--list-models", help="List model names and exit."),
 ) -> None:
     """Caption tiles with hierarchical chain-of-thought prompts (parents before children)."""
@@ -43,8 +51,8 @@ def command(
         raise typer.Exit(0)
     if task not in ("auto", "terrain", "ground", "marine"):
         raise UsageError(f"--task must be terrain, ground, marine or auto, not '{task}'")
-    if concurrency < 1 or (limit is not None and limit < 1) or retries < 0:
-        raise UsageError("--concurrency and --limit must be at least 1, --retries at least 0")
+    check_file(output, "--output")
+    check_file(journal, "--journal", append=True)
     options = CaptionOptions(
         llm=llm,
         task=task,
@@ -68,7 +76,7 @@ def command(
     options.record_dirs = [str(Path(p).parent) for p in inputs or [] if p != "-"]
 
     def transform(items, report):
-        records = (item.record for item in items)
+        records = (item.record for item in with_tile_paths(items, report))
         return hook.sarkit_caption(records=records, options=options, report=report) or []
 
     try:

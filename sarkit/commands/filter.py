@@ -10,9 +10,11 @@ import typer
 
 from sarkit import plugins
 from sarkit.errors import SarkitError
+from sarkit.outputs import check_file
 from sarkit.quality import FilterOptions
+from sarkit.ranges import FRACTION, NON_NEGATIVE
 from sarkit.report import Report
-from sarkit.stage import run_record_stage
+from sarkit.stage import run_record_stage, unique_ids, with_tile_paths
 
 
 def command(
@@ -28,19 +30,28 @@ def command(
         None, "--report", help="Write a contact sheet PNG: kept vs dropped, per reason."
     ),
     max_nodata: float = typer.Option(
-        0.5, help="Drop a tile whose nodata (0) regions cover more than this fraction."
+        0.5,
+        parser=FRACTION,
+        help="Drop a tile whose nodata (0) regions cover more than this fraction (0-1).",
     ),
-    min_std: float = typer.Option(2.0, help="Drop a tile whose grey-level std is below this (DN)."),
+    min_std: float = typer.Option(
+        2.0, parser=NON_NEGATIVE, help="Drop a tile whose grey-level std is below this (DN)."
+    ),
     max_saturated: float = typer.Option(
-        0.2, help="Drop a tile with more than this fraction of valid pixels at 255."
+        0.2,
+        parser=FRACTION,
+        help="Drop a tile with more than this fraction of valid pixels at 255 (0-1).",
     ),
     min_structure: float = typer.Option(
         1.0,
+        parser=NON_NEGATIVE,
         help="Region screening: drop a tile whose structure score (texture correlation, edges, "
         "bright scatterers; 1 = reference) is below this.",
     ),
     k: int = typer.Option(7, "--k", min=1, help="Neighbours in the kNN vote."),
-    min_score: float = typer.Option(0.5, help="kNN P(keep) a tile near a threshold needs."),
+    min_score: float = typer.Option(
+        0.5, parser=FRACTION, help="kNN P(keep) a tile near a threshold needs (0-1)."
+    ),
     margin: float = typer.Option(
         2.0,
         min=1.0,
@@ -64,6 +75,8 @@ def command(
     ),
 ) -> None:
     """Screen tiles: drop nodata, flat, saturated and structure-poor tiles, kNN for the rest."""
+    check_file(output, "--output")
+    check_file(report_png, "--report")
     options = FilterOptions(
         max_nodata=max_nodata,
         min_std=min_std,
@@ -85,7 +98,7 @@ def command(
         sheet = ContactSheet()
 
     def transform(items, rep):
-        records = (item.record for item in items)
+        records = (item.record for item in with_tile_paths(unique_ids(items, rep), rep))
         out = plugins.get_manager().hook.sarkit_filter(records=records, options=options, report=rep)
         if out is None:
             raise SarkitError("no plugin implements the filter stage")
@@ -106,8 +119,12 @@ def command(
             else:
                 rep.skip(reason, n)
         if sheet is not None:
-            sheet.save(report_png)
-            rep.notes["contact sheet"] = str(report_png)
+            try:  # a side output: its failure must not cost the records
+                sheet.save(report_png)
+                rep.notes["contact sheet"] = str(report_png)
+            except (OSError, SarkitError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                rep.error(f"{report_png} (--report): contact sheet not written ({why})")
 
     code = run_record_stage(report, inputs, output, transform, required=("id", "path"))
     raise typer.Exit(code)

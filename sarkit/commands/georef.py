@@ -8,8 +8,9 @@ import typer
 
 from sarkit import plugins
 from sarkit.errors import SarkitError
+from sarkit.outputs import check_file
 from sarkit.report import Report
-from sarkit.stage import run_record_stage
+from sarkit.stage import run_record_stage, unique_ids, with_tile_paths
 
 
 def command(
@@ -21,6 +22,8 @@ def command(
     """Georeference tiles: centre and footprint in WGS84 (affine, rotated or GCPs) + place."""
     from sarkit.raster.georef import GeoJSONWriter, GeorefOptions
 
+    check_file(output, "--output")
+    check_file(geojson, "--geojson")
     options = GeorefOptions(geocode=geocode)
     hook = plugins.get_manager().hook
     report = Report("georef")
@@ -29,7 +32,7 @@ def command(
         features = stack.enter_context(GeoJSONWriter(geojson)) if geojson else None
 
         def transform(items, report):
-            for item in items:
+            for item in with_tile_paths(unique_ids(items, report), report):
                 try:
                     record = hook.sarkit_georef(record=item.record, options=options)
                 except SarkitError as exc:

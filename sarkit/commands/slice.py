@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import typer
 
 from sarkit import log, plugins
 from sarkit.errors import SarkitError, UsageError
+from sarkit.outputs import check_file, check_folder
+from sarkit.ranges import FRACTION, POSITIVE, number_in
 from sarkit.records import RecordWriter
 from sarkit.report import Report
 
@@ -18,8 +21,10 @@ def parse_sizes(text: str) -> list[float]:
         sizes = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"--ground-size must be metres, e.g. 4000,1000,250: {text}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise UsageError(f"--ground-size must be positive metres, e.g. 4000,1000,250: {text}")
+    if not sizes or any(not math.isfinite(s) or s <= 0 for s in sizes):
+        raise UsageError(
+            f"--ground-size must be positive finite metres, e.g. 4000,1000,250: {text}"
+        )
     return sizes
 
 
@@ -45,9 +50,13 @@ def command(
     ),
     edge: str = typer.Option("drop", help="Partial tiles at the scene edge: drop or keep."),
     min_coverage: float = typer.Option(
-        0.5, help="With --edge keep: least fraction of a tile inside the scene."
+        0.5,
+        parser=number_in(0, 1, lo_open=True),
+        help="With --edge keep: least fraction of a tile inside the scene (0 < x <= 1).",
     ),
-    max_nodata: float = typer.Option(0.5, help="Skip tiles with more nodata than this fraction."),
+    max_nodata: float = typer.Option(
+        0.5, parser=FRACTION, help="Skip tiles with more nodata than this fraction (0-1)."
+    ),
     workers: int = typer.Option(
         min(4, os.cpu_count() or 1),
         "--workers",
@@ -61,7 +70,7 @@ def command(
         "speckle at the same size), deflate (for older readers), lzw, none.",
     ),
     pixel_size: float = typer.Option(
-        None, help="Pixel size in metres for scenes without georeferencing."
+        None, parser=POSITIVE, help="Pixel size in metres for scenes without georeferencing."
     ),
     overwrite: bool = typer.Option(False, help="Rewrite tiles that already exist."),
     records: str = typer.Option(None, "--records", help="Write records to FILE, not stdout."),
@@ -74,6 +83,8 @@ def command(
         raise UsageError("--edge must be drop or keep")
     if radiometry not in ("auto", "amplitude", "power", "db"):
         raise UsageError("--radiometry must be auto, amplitude, power or db")
+    check_folder(out_dir, "--out")
+    check_file(records, "--records")
     options = SliceOptions(
         out_dir=out_dir,
         ground_sizes=parse_sizes(ground_size),

@@ -48,6 +48,8 @@ def nearest_place(lon: float, lat: float) -> dict:
 
 def tile_corners_wgs84(path: str, record_id: str) -> tuple[list[list[float]], list[float]]:
     """Closed footprint ring (ul, ur, lr, ll, ul) and centre, as [lon, lat] in WGS84."""
+    if os.path.isdir(path):
+        raise SarkitError(f"{record_id}: tile {path} is a folder, not a tile file")
     try:
         with rasterio.open(path) as ds:
             width, height = ds.width, ds.height
