@@ -179,8 +179,10 @@ class RecordWriter:
         self._fh: IO[str] | None = None
 
     def __enter__(self) -> RecordWriter:
-        if self.output is None:
-            self._fh = sys.stdout
+        if self.output is None:  # library prints go to stderr meanwhile (see sarkit.stdout)
+            from sarkit.stdout import records_only
+
+            self._fh = self._stack.enter_context(records_only())
         else:
             self._fh = self._stack.enter_context(atomic_open(self.output, "w", encoding="utf-8"))
         return self

@@ -227,3 +227,26 @@ def test_an_all_zero_uint8_tile_is_not_a_crash(tmp_path):
     src = jsonl(tmp_path / "in.jsonl", [{"id": "z", "path": str(zero)}])
     proc = sarkit("filter", src, "--mark", "-j", "1")
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr
+
+
+def test_library_prints_during_a_stage_go_to_stderr(tmp_path, tiles):
+    """A library that prints (Python print, or a C write to descriptor 1) mid-stage."""
+    import subprocess
+    import sys
+
+    src = jsonl(tmp_path / "in.jsonl", tiles)
+    code = (
+        "import os, sys\n"
+        "import sarkit.raster.georef as g\n"
+        "real = g.georeference\n"
+        "def noisy(record, options):\n"
+        "    print('python noise'); os.write(1, b'C noise\\n')\n"
+        "    return real(record, options)\n"
+        "g.georeference = noisy\n"
+        "from sarkit.cli import run\n"
+        f"sys.exit(run(['georef', {str(src)!r}, '--no-geocode']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == [r["id"] for r in tiles]
+    assert proc.stderr.count("python noise") == 4 and proc.stderr.count("C noise") == 4
