@@ -12,7 +12,7 @@ from sarkit.errors import UsageError
 from sarkit.outputs import check_file
 from sarkit.ranges import NON_NEGATIVE, POSITIVE
 from sarkit.report import Report
-from sarkit.stage import run_record_stage, with_tile_paths
+from sarkit.stage import run_record_stage, unique_ids, with_tile_paths
 
 
 def command(
@@ -76,7 +76,7 @@ def command(
     options.record_dirs = [str(Path(p).parent) for p in inputs or [] if p != "-"]
 
     def transform(items, report):
-        records = (item.record for item in with_tile_paths(items, report))
+        records = (item.record for item in with_tile_paths(unique_ids(items, report), report))
         return hook.sarkit_caption(records=records, options=options, report=report) or []
 
     try:

@@ -83,8 +83,6 @@ def command(
         raise UsageError("--edge must be drop or keep")
     if radiometry not in ("auto", "amplitude", "power", "db"):
         raise UsageError("--radiometry must be auto, amplitude, power or db")
-    check_folder(out_dir, "--out")
-    check_file(records, "--records")
     options = SliceOptions(
         out_dir=out_dir,
         ground_sizes=parse_sizes(ground_size),
@@ -105,6 +103,8 @@ def command(
         from sarkit import sensors
 
         sensors.get(sensor)  # an unknown name is a usage error listing the known ones
+    check_folder(out_dir, "--out")
+    check_file(records, "--records")
     report = Report("slice")
     try:
         _slice_all(scenes, options, report, records)
