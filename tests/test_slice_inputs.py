@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import rasterio
-from conftest import sarkit
+from conftest import sarkit, shared
 from rasters import speckle, write
 
 
@@ -98,6 +98,27 @@ def test_a_db_scene_is_found_by_its_values_with_auto(tmp_path):
     with rasterio.open(recs[0]["path"]) as tile:
         pixels = tile.read(1)
     assert pixels.std() > 20 and len(np.unique(pixels)) > 100  # not the constant 1
+
+
+def test_real_opera_burst_written_in_db_gives_the_same_tiles_as_its_power(tmp_path):
+    """A real OPERA RTC-S1 burst (linear power), converted to dB as SNAP would write it:
+    auto must find dB from the values, and the tiles must match the power scene's."""
+    folder = shared("scenes", "opera_rtc_s1", "2021-11-19")
+    power = sorted(folder.glob("*T137-292318-IW1*_VV.tif"))[0]
+    with rasterio.open(power) as src:
+        profile, values = src.profile, src.read(1)
+    db = tmp_path / power.name.replace(".tif", "_db.tif")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        in_db = (10 * np.log10(values)).astype(np.float32)
+    with rasterio.open(db, "w", **profile) as dst:
+        dst.write(in_db, 1)
+    got = records(sarkit("slice", db, "-o", tmp_path / "a", "-g", "1500", check=0))
+    ref = records(sarkit("slice", power, "-o", tmp_path / "b", "-g", "1500", check=0))
+    assert {r["radiometry"] for r in got} == {"db"} and len(got) == len(ref) == 4
+    for a, b in zip(got, ref, strict=True):
+        with rasterio.open(a["path"]) as ta, rasterio.open(b["path"]) as tb:
+            pa, pb = ta.read(1).astype(int), tb.read(1).astype(int)
+        assert pa.std() > 10 and np.abs(pa - pb).max() <= 1  # the same stretch, within a level
 
 
 def test_a_declared_radiometry_the_data_contradicts_is_an_error(tmp_path):
