@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import typer
 
 from sarkit import log, plugins
-from sarkit.errors import UsageError
+from sarkit.errors import SarkitError, UsageError
+
+
+def check_output_folder(path: Path) -> None:
+    """A run folder that cannot be made is named now, not after minutes of model loading."""
+    if path.exists() and not path.is_dir():
+        raise SarkitError(f"-o {path}: exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SarkitError(f"-o {path}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK):
+                raise SarkitError(f"-o {path}: {parent} is not writable")
+            break
 
 
 def command(
@@ -18,6 +34,12 @@ def command(
     vision: str = typer.Option(
         "vit_base_patch16_224", "--vision", help="timm ViT name, or tiny/small/base/large."
     ),
+    init: str = typer.Option(
+        None,
+        "--init",
+        help="Start from a run or checkpoint folder (its architecture, weights, momentum "
+        "towers and queue); the schedule starts anew.",
+    ),
     vision_weights: str = typer.Option(
         None, "--vision-weights", help="'timm' (pretrained download) or a weights file."
     ),
@@ -25,13 +47,18 @@ def command(
         None, "--text", help="BERT name or folder (default: offline all-MiniLM-L6-v2)."
     ),
     text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
-    image_size: int = typer.Option(224, "--image-size"),
+    image_size: int = typer.Option(224, "--image-size", min=16),
     center_crop: float = typer.Option(
         1.0, "--center-crop", help="Keep this side fraction of each tile (centred) first."
     ),
-    epochs: int = typer.Option(12, "--epochs"),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
+    epochs: int = typer.Option(12, "--epochs", min=1),
+    max_steps: int = typer.Option(
+        None, "--max-steps", min=1, help="Stop after this many optimiser steps."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Per process, per micro-batch."),
+    grad_accum: int = typer.Option(
+        1, "--grad-accum", min=1, help="Micro-batches per optimiser step (gradient accumulation)."
+    ),
     lr: float = typer.Option(3e-4, "--lr"),
     warmup_steps: int = typer.Option(3000, "--warmup-steps"),
     lr_decay: float = typer.Option(0.9, "--lr-decay", help="Per-epoch factor after warm-up."),
@@ -50,6 +77,12 @@ def command(
         0.995, "--momentum", help="EMA factor of the momentum encoders (lower for short runs)."
     ),
     pool: str = typer.Option("mean", "--pool", help="ITC features: mean of tokens, or cls."),
+    decoder_loss: str = typer.Option(
+        "both",
+        "--decoder-loss",
+        help="Decoder objective: mlm (the paper's), lm (causal, BLIP's; needed to generate "
+        "captions, answers and SCIO rewrites) or both.",
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(
         None,
@@ -63,6 +96,12 @@ def command(
     log_every: int = typer.Option(10, "--log-every"),
     resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
     seed: int = typer.Option(42, "--seed"),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Stop before training when a record has a failed caption, no texts, or was "
+        "dropped by the filter (default: skip and count them).",
+    ),
 ) -> None:
     """Pretrain the SAR-KnowLIP model; works under torchrun and the deepspeed launcher."""
     from sarkit.records import load_all
@@ -72,15 +111,17 @@ def command(
         raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
     if not 0.0 < center_crop <= 1.0:
         raise UsageError(f"--center-crop {center_crop}: use a fraction in (0, 1]")
+    if decoder_loss not in ("mlm", "lm", "both"):
+        raise UsageError(f"--decoder-loss {decoder_loss}: use mlm, lm or both")
     if pool not in ("mean", "cls"):
         raise UsageError(f"--pool {pool}: use mean or cls")
-    if batch_size < 1 or epochs < 1:
-        raise UsageError("--batch-size and --epochs must be at least 1")
+    check_output_folder(output)
     options = PretrainOptions(
         output=output,
         records_path=str(records),
         vision=vision,
         vision_weights=vision_weights,
+        init=init,
         image_size=image_size,
         center_crop=center_crop,
         text=text,
@@ -92,9 +133,11 @@ def command(
         alpha=alpha,
         momentum=momentum,
         pool=pool,
+        decoder_loss=decoder_loss,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
+        grad_accum=grad_accum,
         lr=lr,
         warmup_steps=warmup_steps,
         lr_decay=lr_decay,
@@ -109,6 +152,7 @@ def command(
         log_every=log_every,
         resume=resume,
         seed=seed,
+        strict=strict,
     )
     if deepspeed:
         from sarkit.train.engine import DS_PRESETS, import_deepspeed
@@ -118,7 +162,9 @@ def command(
             raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
         import_deepspeed()
     data = load_all(records, required=("id", "path"))
-    run_dir = plugins.get_manager().hook.sarkit_pretrain(records=data, options=options)
+    # stdout carries records only: libraries (DeepSpeed's JIT builds, say) print there
+    with contextlib.redirect_stdout(sys.stderr):
+        run_dir = plugins.get_manager().hook.sarkit_pretrain(records=data, options=options)
     if run_dir is None:
         raise UsageError("no plugin implements pretraining")
     log.info(f"pretrained {len(data)} records -> {run_dir}")

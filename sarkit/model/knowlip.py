@@ -31,8 +31,10 @@ from torch import nn
 from sarkit.model import TERRAIN_FIELDS
 from sarkit.model.text import EncodedText, bert_hidden, build_bert
 from sarkit.model.vision import build_vision, vision_name
+from sarkit.model.weights import load_weights
 
 TEMP_RANGE = (0.001, 0.5)
+DECODER_LOSSES = ("mlm", "lm", "both")
 
 
 @dataclass
@@ -65,9 +67,18 @@ class KnowLIPConfig:
     # text tower, all-MiniLM-L6-v2, was trained as a mean-pooled sentence encoder: its
     # [CLS] carries little, and neither does a randomly initialised ViT's class token.
     pool: str = "mean"
+    # the decoder's objectives: "mlm" (the paper's masked LM), "lm" (BLIP's causal LM, which
+    # generation needs: captions, answers, SCIO's rewritten segments) or "both" (summed; the
+    # default, so a pretrained run can generate and still trains the paper's MLM)
+    decoder_loss: str = "both"
+    lm_label_smoothing: float = 0.1  # BLIP's
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.decoder_loss not in DECODER_LOSSES:
+            raise ValueError(
+                f"decoder_loss {self.decoder_loss!r}: one of {', '.join(DECODER_LOSSES)}"
+            )
         self.vision = vision_name(self.vision)
         self.fields = tuple(self.fields)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
@@ -211,7 +222,15 @@ class KnowLIP(nn.Module):
         return self.decoder.cls(hidden[where]).float()
 
     def temperature(self) -> torch.Tensor:
-        return self.temp.float().clamp(*TEMP_RANGE)[0]
+        """The ITC temperature, kept in TEMP_RANGE by clamping the parameter itself.
+
+        Clamping a copy would zero the gradient once the parameter left the range, and it
+        would never come back (ALBEF/BLIP clamp in place for this reason). The engines clamp
+        their fp32 master copy too (``clamp_parameter``), which a bf16 copy cannot reach.
+        """
+        with torch.no_grad():
+            self.temp.clamp_(*TEMP_RANGE)
+        return self.temp.float()[0]
 
     # -- training -------------------------------------------------------------------
 
@@ -226,6 +245,7 @@ class KnowLIP(nn.Module):
         special_ids: Sequence[int] = (),
         mask_id: int = 103,
         groups: torch.Tensor | None = None,
+        dec_id: int = 1,
     ) -> dict[str, torch.Tensor]:
         """The losses for one batch; also enqueues the momentum features (call once per step).
 
@@ -262,16 +282,22 @@ class KnowLIP(nn.Module):
         loss_itm = self._itm_loss(
             img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
         )
-        loss_mlm = self._mlm_loss(
-            img_tokens, input_ids, attention_mask, mlm_eligible, special_ids, mask_id
-        )
-        loss = w_itc * loss_itc + w_itm * loss_itm + w_mlm * loss_mlm
+        out: dict[str, torch.Tensor] = {"itc": loss_itc, "itm": loss_itm}
+        loss = w_itc * loss_itc + w_itm * loss_itm
+        objective = self.config.decoder_loss
+        if objective in ("mlm", "both"):
+            out["mlm"] = self._mlm_loss(
+                img_tokens, input_ids, attention_mask, mlm_eligible, special_ids, mask_id
+            )
+            loss = loss + w_mlm * out["mlm"]
+        if objective in ("lm", "both"):
+            out["lm"] = self.lm_loss(img_tokens, input_ids, attention_mask, mlm_eligible, dec_id)
+            loss = loss + w_mlm * out["lm"]
         return {
             "loss": loss,
-            "itc": loss_itc,
-            "itm": loss_itm,
-            "mlm": loss_mlm,
+            **out,
             "temp": temp.detach().clone(),
+            "alpha": torch.tensor(float(alpha)),
         }
 
     def _itm_loss(
@@ -312,6 +338,50 @@ class KnowLIP(nn.Module):
             [torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
         ).to(logits.device)
         return F.cross_entropy(logits, labels)
+
+    def lm_loss(
+        self,
+        img_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        eligible: torch.Tensor | None = None,
+        dec_id: int = 1,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Causal LM loss of the texts given the image (segments not `eligible` are read as
+        context but never targets, as SCIO's noise pool is kept out of MLM)."""
+        from sarkit.model.decoder import lm_loss
+
+        return lm_loss(
+            self.decoder,
+            input_ids,
+            attention_mask,
+            self.image_to_text(img_tokens),
+            target_mask=eligible,
+            bos_id=dec_id,
+            label_smoothing=self.config.lm_label_smoothing if self.training else 0.0,
+            reduction=reduction,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Token ids the decoder writes for each image, optionally continuing a prefix
+        (``sarkit.model.decoder.generate`` has the options: beams, sampling, lengths)."""
+        from sarkit.model.decoder import generate
+
+        states = self.image_to_text(self.image_tokens(images))
+        return generate(
+            self.decoder, states, bos_id, eos_id, pad_id, prefix_ids, prefix_mask, **options
+        )
 
     def _mlm_loss(self, img_tokens, input_ids, attention_mask, eligible, special_ids, mask_id):
         ids, labels = mask_tokens(
@@ -388,13 +458,34 @@ class KnowLIP(nn.Module):
 
     @classmethod
     def from_run(cls, run_dir: str | Path, map_location: str = "cpu") -> KnowLIP:
-        """Rebuild a trained model from a run folder (model.json + model.safetensors)."""
+        """Rebuild a trained model from a run folder (model.json + model.safetensors).
+
+        Needs nothing outside the folder: the text towers' architecture comes from the run's
+        own ``export/text`` (the original name may not resolve on this machine).
+        """
         run_dir = Path(run_dir)
-        config = KnowLIPConfig.from_dict(json.loads((run_dir / "model.json").read_text()))
-        config.vision_weights = None
+        config = run_config(run_dir)
         model = cls(config, pretrained_text=False)
         load_weights(model, run_dir / "model.safetensors", map_location)
         return model
+
+
+def run_config(run_dir: str | Path) -> KnowLIPConfig:
+    """A run folder's model config, pointed at the folder's own text export."""
+    from sarkit.errors import SarkitError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "model.json"
+    try:
+        config = KnowLIPConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise SarkitError(f"{run_dir}: not a sarkit run folder (no model.json)") from None
+    except (ValueError, TypeError) as exc:
+        raise SarkitError(f"{path}: damaged model config ({exc})") from None
+    config.vision_weights = None
+    if (run_dir / "export" / "text" / "config.json").exists():
+        config.text = str(run_dir / "export" / "text")
+    return config
 
 
 def _unique_groups(n: int, device: torch.device) -> torch.Tensor:
@@ -503,13 +594,22 @@ class Momentum(nn.Module):
     def features(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.vision(images)
-        pooled = pool_image(tokens, self.pool, self.prefix)
-        img = F.normalize(self.vision_proj(pooled).float(), dim=-1)
-        hidden = bert_hidden(self.text, input_ids, attention_mask)
-        txt = F.normalize(
-            self.text_proj(pool_text(hidden, attention_mask, self.pool)).float(), dim=-1
-        )
+        """ITC features of the momentum towers, which stay fp32 whatever the engine's precision.
+
+        Under DeepSpeed bf16/fp16 the engine hands over half-precision images; the towers run
+        them under autocast in that precision (fp32 weights, half-precision matmuls), as a
+        plain-PyTorch autocast run does, so the EMA keeps full precision.
+        """
+        half = images.dtype in (torch.bfloat16, torch.float16)
+        ctx = torch.autocast(images.device.type, dtype=images.dtype) if half else nullcontext()
+        with ctx:
+            tokens = self.vision(images.float())
+            pooled = pool_image(tokens, self.pool, self.prefix)
+            img = F.normalize(self.vision_proj(pooled).float(), dim=-1)
+            hidden = bert_hidden(self.text, input_ids, attention_mask)
+            txt = F.normalize(
+                self.text_proj(pool_text(hidden, attention_mask, self.pool)).float(), dim=-1
+            )
         return img, txt
 
     def queued(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -551,34 +651,3 @@ def _text_only_copy(bert: nn.Module) -> nn.Module:
     plain.load_state_dict(state, strict=True)
     _bidirectional(plain)
     return plain
-
-
-def save_weights(module: nn.Module, path: str | Path) -> None:
-    """A module's weights as safetensors: tied parameters once, every tensor a fresh copy.
-
-    Copies make it work on ZeRO-3 gathered parameters, whose storage is shared with a flat
-    buffer (which ``safetensors.torch.save_model`` refuses).
-    """
-    from safetensors.torch import save_file
-
-    keys = set(module.state_dict().keys())
-    state = {}
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if name in keys:
-            state[name] = t.detach().to("cpu", copy=True).contiguous()
-    save_file(state, str(path))
-
-
-def load_weights(module: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
-    """Load what :func:`save_weights` wrote; only tied aliases may be absent from the file."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path), device=str(device))
-    saved_as = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    really_missing = [k for k in missing if k in saved_as]
-    if really_missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit the model (missing {really_missing[:3]}, "
-            f"unexpected {list(unexpected)[:3]})"
-        )

@@ -21,8 +21,6 @@ import torch
 
 from sarkit.errors import SarkitError
 
-RASTER_SUFFIXES = {".tif", ".tiff", ".gtiff"}
-
 
 def resolve_path(path: str, base: Path | None) -> Path:
     """A tile path: absolute, beside the record file, or from the working directory."""
@@ -35,28 +33,14 @@ def resolve_path(path: str, base: Path | None) -> Path:
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """One band as float32 in [0, 1]: 8-bit scaled by 255, other types by a 1-99% stretch."""
-    if not path.exists():
-        raise SarkitError(f"{path}: tile not found")
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        import rasterio
+    """One band as float32 in [0, 1]: the same pixels the filter and the LLM see.
 
-        with rasterio.open(path) as src:
-            arr = src.read(1, masked=False)
-            nodata = src.nodata
-        arr = arr.astype(np.float32) if arr.dtype != np.uint8 else arr
-        if nodata is not None and arr.dtype != np.uint8:
-            arr = np.where(arr == nodata, np.nan, arr)
-    else:
-        from PIL import Image
+    ``sarkit.raster.tileread`` is the one reader of every stage (8-bit tiles as they are,
+    other types by slice's log-percentile stretch fitted on the tile, 0 = nodata).
+    """
+    from sarkit.raster.tileread import read_f32
 
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"))
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
-    lo, hi = np.percentile(arr, [1, 99])
-    return np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
+    return read_f32(path)
 
 
 @dataclass
@@ -121,6 +105,7 @@ class TileDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
+        self.bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,15 +113,37 @@ class TileDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def read(self, index: int) -> np.ndarray:
         rec = self.records[index]
         path = resolve_path(str(rec["path"]), self.base)
         try:
-            arr = read_gray(path)
-        except SarkitError:
-            raise
+            return read_gray(path)
+        except SarkitError as exc:
+            raise SarkitError(f"record {rec.get('id')}: {exc}") from None
         except Exception as exc:
-            raise SarkitError(f"{path} (record {rec.get('id')}): unreadable tile: {exc}") from exc
+            raise SarkitError(f"{path} (record {rec.get('id')}): unreadable tile: {exc}") from None
+
+    def readable(self, index: int) -> tuple[np.ndarray, int]:
+        """The tile of `index`, or of the next readable record when it cannot be read.
+
+        A bad tile found mid-run is named on stderr once (per worker) and replaced by the next
+        record in the dataset, so every batch keeps its size (ranks all-gather equal batches)
+        and the run goes on; the text travels with the image that replaced it.
+        """
+        for k in range(len(self.records)):
+            i = (index + k) % len(self.records)
+            try:
+                return self.read(i), i
+            except SarkitError as exc:
+                if i not in self.bad:
+                    self.bad.add(i)
+                    from sarkit import log
+
+                    log.warn(f"skipped: {exc}")
+        raise SarkitError("no tile of the records can be read")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        arr, index = self.readable(index)
         if self.center_crop < 1.0:
             h, w = arr.shape
             ch, cw = max(1, round(h * self.center_crop)), max(1, round(w * self.center_crop))
@@ -154,9 +161,17 @@ def pixel_stats(
     pick = rng.permutation(len(records))[:n] if len(records) > n else range(len(records))
     means, variances = [], []
     for i in pick:
-        arr = read_gray(resolve_path(str(records[int(i)]["path"]), base))
+        try:
+            arr = read_gray(resolve_path(str(records[int(i)]["path"]), base))
+        except Exception:  # named when the dataset meets it; statistics need only some tiles
+            continue
         means.append(float(arr.mean()))
         variances.append(float(arr.var()))
+    if not means:
+        raise SarkitError(
+            f"none of {len(pick)} sampled tiles can be read (first: "
+            f"{records[int(list(pick)[0])].get('path')})"
+        )
     mean = float(np.mean(means))
     std = float(np.sqrt(np.mean(variances) + np.var(means)))
     return mean, max(std, 1e-3)
@@ -236,16 +251,3 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
-
-
-def check_records(records: Sequence[dict], source: str, need_texts: bool = True) -> None:
-    """Fail early, naming the record, when one lacks what training needs."""
-    if not records:
-        raise SarkitError(f"{source}: no records to train on")
-    for i, rec in enumerate(records, start=1):
-        if "path" not in rec:
-            raise SarkitError(f"{source}:{i} ({rec.get('id')}): record has no 'path'")
-        if need_texts and not isinstance(rec.get("texts"), dict):
-            raise SarkitError(
-                f"{source}:{i} ({rec.get('id')}): record has no 'texts' (run sarkit caption first)"
-            )

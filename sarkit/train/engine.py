@@ -1,8 +1,11 @@
-"""Two engines behind one trainer: plain PyTorch (one process or DDP) and DeepSpeed ZeRO.
+"""Two engines behind the one loop: plain PyTorch (one process or DDP) and DeepSpeed ZeRO.
 
-An engine owns the wrapped model and the optimiser. It runs one optimiser step on a batch,
-saves and loads its state, and hands out full (gathered) weights for export. The momentum
-encoders and queues stay outside it (see ``sarkit.model.knowlip.Momentum``).
+An engine owns the wrapped model (a task's ``model``) and the optimiser. It runs one
+micro-batch (forward, backward, and the optimiser step at an accumulation boundary), saves
+and loads its state, and hands out full (gathered) weights for export. Whatever a task keeps
+outside the trained module (KnowLIP's momentum encoders and queues) stays outside it.
+``dtype`` is the dtype the engine wants floating inputs in: fp32 for the plain engine (it
+autocasts), the engine's own half precision under DeepSpeed bf16/fp16.
 """
 
 from __future__ import annotations
@@ -154,16 +157,6 @@ def adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
-def batch_kwargs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {
-        "images": batch["images"].to(device, dtype=dtype, non_blocking=True),
-        "input_ids": batch["input_ids"].to(device, non_blocking=True),
-        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
-        "mlm_eligible": batch["mlm_eligible"].to(device, non_blocking=True),
-        "groups": batch["groups"].to(device, non_blocking=True),
-    }
-
-
 # ---------------------------------------------------------------- plain PyTorch
 
 
@@ -171,11 +164,14 @@ class PlainEngine:
     """AdamW on the module itself, wrapped in DDP when there are several processes."""
 
     name = "pytorch"
+    dtype = torch.float32  # inputs stay fp32; autocast picks the precision per op
 
-    def __init__(self, model: torch.nn.Module, options: Any, device: torch.device, world: int):
+    def __init__(self, task: Any, options: Any, device: torch.device, world: int):
+        model = task.model
         self.module = model.to(device)
         self.device = device
-        self.dtype = PRECISIONS[options.precision]
+        self.autocast_dtype = PRECISIONS[options.precision]
+        self.grad_accum = int(getattr(options, "grad_accum", 1))
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -183,43 +179,50 @@ class PlainEngine:
             self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         else:
             self.model = model
-        self.optimizer = adamw(
-            param_groups(model, options.weight_decay, options.text_lr_scale), options.lr_start
-        )
+        self.optimizer = adamw(task.param_groups(options.weight_decay), options.lr_start)
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
 
     def autocast(self):
-        if self.dtype == torch.float32:
+        if self.autocast_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
-        kwargs = dict(kwargs)
-        kwargs["images"] = kwargs["images"].float()
-        with self.autocast():
-            out = self.model(**kwargs)
-        if self.scaler is not None:
-            self.scaler.scale(out["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            out["loss"].backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def micro_step(self, kwargs: dict, boundary: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; the optimiser steps at a boundary."""
+        sync = boundary or not hasattr(self.model, "no_sync")
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            with self.autocast():
+                out = self.model(**kwargs)
+            loss = out["loss"] / self.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        if boundary:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return out
 
     def gathered(self, params: list) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def clamp_parameter(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
+        param.clamp_(lo, hi)
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[torch.nn.Module]:
         yield self.module
 
     def save(self, folder: Path, rank: int) -> None:
-        from sarkit.model.knowlip import save_weights
+        from sarkit.model.weights import save_weights
 
         if rank == 0:
             save_weights(self.module, folder / "model.safetensors")
@@ -229,10 +232,19 @@ class PlainEngine:
             torch.save(state, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        from sarkit.model.knowlip import load_weights
+        from sarkit.model.weights import load_weights
 
         load_weights(self.module, folder / "model.safetensors", self.device)
-        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        path = folder / "optimizer.pt"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            raise SarkitError(f"{path}: missing from the checkpoint") from None
+        except Exception as exc:
+            raise SarkitError(
+                f"{path}: not readable ({type(exc).__name__}); the checkpoint is damaged: "
+                "resume from another one (--resume DIR)"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -261,7 +273,7 @@ def deepspeed_config(spec: str, options: Any) -> dict:
         except json.JSONDecodeError as exc:
             raise SarkitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     config.setdefault("train_micro_batch_size_per_gpu", options.batch_size)
-    config.setdefault("gradient_accumulation_steps", 1)
+    config.setdefault("gradient_accumulation_steps", int(getattr(options, "grad_accum", 1)))
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     if options.precision == "bf16":
@@ -326,12 +338,20 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, options: Any, device: torch.device, world: int):
+    def __init__(self, task: Any, options: Any, device: torch.device, world: int):
         deepspeed = import_deepspeed()
+        model = task.model
         self.config = deepspeed_config(options.deepspeed, options)
+        if self.config.get("gradient_accumulation_steps") != getattr(options, "grad_accum", 1):
+            raise UsageError(
+                f"--deepspeed {options.deepspeed}: its gradient_accumulation_steps "
+                f"({self.config.get('gradient_accumulation_steps')}) differs from --grad-accum "
+                f"{getattr(options, 'grad_accum', 1)}; set one of them"
+            )
+        check_half_precision(self.config)
         zero = self.config.get("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
-        groups = param_groups(model, options.weight_decay, options.text_lr_scale)
+        groups = task.param_groups(options.weight_decay)
         offload = "offload_optimizer" in zero or "offload_param" in zero
         if "optimizer" in self.config:
             optimizer = None
@@ -360,10 +380,11 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def step(self, kwargs: dict) -> dict[str, torch.Tensor]:
-        kwargs = dict(kwargs)
-        kwargs["images"] = kwargs["images"].to(self.dtype)
+    def micro_step(self, kwargs: dict, boundary: bool) -> dict[str, torch.Tensor]:
+        """DeepSpeed counts micro-batches itself; its boundary must be the loop's."""
         out = self.engine(**kwargs)
+        if self.engine.is_gradient_accumulation_boundary() != boundary:
+            raise RuntimeError("DeepSpeed's accumulation boundary differs from the loop's")
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
@@ -374,6 +395,23 @@ class DeepSpeedEngine:
 
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def clamp_parameter(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
+        """Clamp the optimiser's fp32 master copy (and the module's copy), every ZeRO stage.
+
+        All ranks must call it together (ZeRO-3 gathers the master fragments).
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            with self.gathered([param]):
+                param.clamp_(lo, hi)
+            return
+        clamped = master.clamp(lo, hi)
+        if not torch.equal(clamped, master):
+            safe_set_full_fp32_param(param, clamped)
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[torch.nn.Module]:
@@ -395,7 +433,22 @@ class DeepSpeedEngine:
             raise SarkitError(f"{folder}: no DeepSpeed checkpoint in it")
 
 
-def make_engine(model: torch.nn.Module, options: Any, device: torch.device, world: int):
+def check_half_precision(config: dict) -> None:
+    """fp16 under DeepSpeed needs an accelerator that has it (a CPU with AVX512-FP16 does)."""
+    if not config.get("fp16", {}).get("enabled"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if not accel.is_fp16_supported():
+        raise UsageError(
+            f"--precision fp16: DeepSpeed's {accel.device_name()} accelerator has no fp16 on "
+            "this machine; use bf16 or fp32"
+        )
+
+
+def make_engine(task: Any, options: Any, device: torch.device, world: int):
+    """The engine for a task's model: DeepSpeed when ``options.deepspeed`` names a config."""
     if options.deepspeed:
-        return DeepSpeedEngine(model, options, device, world)
-    return PlainEngine(model, options, device, world)
+        return DeepSpeedEngine(task, options, device, world)
+    return PlainEngine(task, options, device, world)

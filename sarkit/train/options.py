@@ -15,6 +15,7 @@ class PretrainOptions:
     # model
     vision: str = "vit_base_patch16_224"
     vision_weights: str | None = None
+    init: str | None = None  # a run or checkpoint folder to start from (new schedule)
     image_size: int = 224
     center_crop: float = 1.0  # keep this side fraction of every tile (MSTAR chips: 88/128)
     text: str | None = None
@@ -30,6 +31,7 @@ class PretrainOptions:
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     drop_path: float = 0.0
     pool: str = "mean"  # ITC features: "mean" or "cls"
+    decoder_loss: str = "both"  # mlm | lm | both (see KnowLIPConfig)
     # optimisation (paper defaults)
     epochs: int = 12
     max_steps: int | None = None
@@ -39,6 +41,8 @@ class PretrainOptions:
     lr_min: float = 1e-6
     warmup_steps: int = 3000
     lr_decay: float = 0.9
+    schedule: str = "step"  # see sarkit.train.schedule
+    grad_accum: int = 1  # micro-batches per optimiser step
     weight_decay: float = 0.05
     text_lr_scale: float = 1.0  # lr factor for the pretrained text tower and decoder
     # engine
@@ -51,6 +55,8 @@ class PretrainOptions:
     save_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_every: int = 0
+    strict: bool = False  # failed/dropped/empty records are an error, not skipped
     resume: str | None = None  # "latest" or a checkpoint folder
     seed: int = 42
     extra: dict = field(default_factory=dict)

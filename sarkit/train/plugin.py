@@ -10,6 +10,6 @@ from sarkit.plugins import hookimpl
 
 @hookimpl(trylast=True)
 def sarkit_pretrain(records: list[dict], options: Any) -> Path | None:
-    from sarkit.train.trainer import pretrain
+    from sarkit.train.pretrain import pretrain
 
     return pretrain(records, options)

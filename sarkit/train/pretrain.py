@@ -1,0 +1,318 @@
+"""Pretraining SAR-KnowLIP through the shared loop: the KnowLIP task, records, run folder.
+
+A run folder holds, beside what the loop writes (checkpoints/, metrics.csv, tb/)::
+
+    model.json  model.safetensors  momentum.safetensors   the final model (KnowLIP.from_run)
+    export/vision.safetensors  export/vision.json         timm-loadable 1-channel ViT + its
+                                                          preprocessing (mean, std, crop, pool)
+    export/text/                                          save_pretrained BERT + tokenizer
+
+The folder loads by itself on another machine: ``KnowLIP.from_run`` rebuilds the text
+towers from ``export/text`` (never from the original model name) and the tokenizer comes
+from there too. ``--init RUN`` starts a new schedule from such a folder (or from a checkpoint
+folder): architecture, weights, and the momentum towers and queue when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sarkit import log
+from sarkit.atomic import atomic_path, write_text
+from sarkit.errors import SarkitError
+from sarkit.model import TERRAIN_FIELDS
+from sarkit.train.options import PretrainOptions
+from sarkit.train.task import ModuleTask, to_device
+
+
+def choose_fields(records: list[dict], fields: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The segment order: given, the 8 terrain fields when present, else the first record's."""
+    if fields:
+        return tuple(fields)
+    keys = list(records[0].get("texts") or {})
+    if set(TERRAIN_FIELDS) <= set(keys):
+        return TERRAIN_FIELDS
+    return tuple(keys)
+
+
+def model_config(options: PretrainOptions, fields: tuple[str, ...]):
+    from sarkit.model.knowlip import KnowLIPConfig
+
+    return KnowLIPConfig(
+        vision=options.vision,
+        image_size=options.image_size,
+        vision_weights=options.vision_weights,
+        drop_path=options.drop_path,
+        text=options.text,
+        text_layers=options.text_layers,
+        embed_dim=options.embed_dim,
+        max_tokens=options.max_tokens,
+        fields=fields,
+        queue_size=options.queue_size,
+        momentum=options.momentum,
+        alpha=options.alpha,
+        temp=options.temp,
+        loss_weights=options.loss_weights,
+        pool=options.pool,
+        center_crop=options.center_crop,
+        decoder_loss=options.decoder_loss,
+    )
+
+
+# ---------------------------------------------------------------- records
+
+
+def has_text(record: dict) -> bool:
+    texts = record.get("texts")
+    return isinstance(texts, dict) and any(str(v or "").strip() for v in texts.values())
+
+
+def usable_records(records: list[dict], source: str, strict: bool = False) -> list[dict]:
+    """The records an image-text stage can train on; the others counted on stderr.
+
+    Skipped: records the filter dropped (``quality.keep == false``), failed captions
+    (``caption.failed``) and records with no text at all. ``strict`` makes any of them an
+    error before training starts; no usable record at all is always one.
+    """
+    kept, dropped, failed, empty = [], 0, 0, 0
+    first_bad = None
+    for i, rec in enumerate(records, start=1):
+        quality = rec.get("quality") if isinstance(rec.get("quality"), dict) else {}
+        caption = rec.get("caption") if isinstance(rec.get("caption"), dict) else {}
+        if quality.get("keep") is False:
+            dropped += 1
+        elif caption.get("failed"):
+            failed += 1
+        elif not has_text(rec):
+            empty += 1
+        else:
+            kept.append(rec)
+            continue
+        first_bad = first_bad or f"{source}:{i} ({rec.get('id')})"
+    parts = []
+    if failed:
+        parts.append(f"{failed} failed caption(s)")
+    if empty:
+        parts.append(f"{empty} without texts")
+    if dropped:
+        parts.append(f"{dropped} dropped by filter")
+    if parts and strict:
+        raise SarkitError(
+            f"{source}: {', '.join(parts)} (first: {first_bad}); --strict stops here, "
+            "drop --strict to skip them"
+        )
+    if not kept:
+        why = f" ({', '.join(parts)}; first: {first_bad})" if parts else ""
+        raise SarkitError(f"{source}: no record with usable texts to train on{why}")
+    if parts:
+        log.warn(f"skipped: {', '.join(parts)}; training on {len(kept)} records")
+    return kept
+
+
+# ---------------------------------------------------------------- the task
+
+
+class KnowLIPTask(ModuleTask):
+    """ITC + ITM + MLM with momentum distillation: the momentum towers, queue and alpha ramp
+    are this task's, outside the engine (fp32 whatever the engine's precision)."""
+
+    name = "knowlip"
+
+    def __init__(self, model: Any, momentum: Any, codec: Any, options: PretrainOptions):
+        super().__init__(model)
+        self.momentum = momentum
+        self.codec = codec
+        self.options = options
+        tok = codec.tokenizer
+        self.special = [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]
+        self.mask_id = tok.mask_token_id
+        from sarkit.model.decoder import dec_token_id
+
+        self.dec_id = dec_token_id(tok)
+        self.rampup = 0
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from sarkit.train.engine import param_groups
+
+        return param_groups(self.model, weight_decay, self.options.text_lr_scale)
+
+    def to(self, device: torch.device) -> None:
+        self.momentum.to(device)
+
+    def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype, step: int) -> dict:
+        from sarkit.train.schedule import alpha_at
+
+        keys = ("images", "input_ids", "attention_mask", "mlm_eligible", "groups")
+        kwargs = to_device({k: batch[k] for k in keys}, device, dtype)
+        kwargs.update(
+            momentum=self.momentum,
+            alpha=alpha_at(step, self.options.alpha, self.rampup),
+            special_ids=self.special,
+            mask_id=self.mask_id,
+            dec_id=self.dec_id,
+        )
+        return kwargs
+
+    def before_step(self, step: int, engine: Any) -> None:
+        from sarkit.model.knowlip import TEMP_RANGE
+
+        engine.clamp_parameter(engine.module.temp, *TEMP_RANGE)
+        self.momentum.update(engine.module, engine.gathered)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.momentum.state_dict())
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.momentum.load_state_dict(state, strict=True)
+
+    def export(self, out: Path, module: Any) -> None:
+        export_run(out, module, self.momentum, self.codec.tokenizer)
+
+
+def export_run(out: Path, model: Any, momentum: Any, tokenizer: Any) -> None:
+    """model.json, the weights and the timm/transformers exports (see the module doc)."""
+    from safetensors.torch import save_file
+
+    from sarkit.model.text import plain_text_tower
+    from sarkit.model.weights import save_weights
+
+    config = model.config
+    write_text(out / "model.json", config.to_json())
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_weights(model, tmp)
+    if momentum is not None:
+        with atomic_path(out / "momentum.safetensors") as tmp:
+            save_weights(momentum, tmp)
+    exp = out / "export"
+    exp.mkdir(parents=True, exist_ok=True)
+    vision = {
+        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for k, v in model.vision.state_dict().items()
+    }
+    with atomic_path(exp / "vision.safetensors") as tmp:
+        save_file(vision, str(tmp))
+    write_text(exp / "vision.json", json.dumps(vision_meta(model), indent=2))
+    text_tmp = exp / ".text.partial"
+    shutil.rmtree(text_tmp, ignore_errors=True)
+    plain_text_tower(model.text, text_tmp, tokenizer)
+    shutil.rmtree(exp / "text", ignore_errors=True)
+    os.replace(text_tmp, exp / "text")
+
+
+def vision_meta(model: Any) -> dict:
+    """What a timm user needs beside the weights: architecture and preprocessing."""
+    c = model.config
+    return {
+        "timm_name": c.vision,
+        "model_args": dict(c.vision_args),
+        "in_chans": 1,
+        "num_classes": 0,
+        "img_size": c.image_size,
+        "global_pool": "avg" if c.pool == "mean" else "token",
+        "num_prefix_tokens": int(model.vision.num_prefix_tokens),
+        "embed_dim": int(model.vision.num_features),
+        # pixels: the tile's gray value in [0, 1] (sarkit's tile reader), centre crop
+        # (side fraction), resize to img_size (bilinear, antialiased), then (x - mean) / std
+        "center_crop": c.center_crop,
+        "interpolation": "bilinear",
+        "mean": [c.image_mean],
+        "std": [c.image_std],
+    }
+
+
+# ---------------------------------------------------------------- --init
+
+
+def resolve_init(spec: str) -> tuple[Path, Path, Path | None]:
+    """(model.json, model weights, momentum state or None) of a run or checkpoint folder."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise SarkitError(f"--init {spec}: not a run folder or checkpoint folder")
+    if (path / "state.json").exists():  # a checkpoint folder: checkpoints/step-N/
+        config = path.parent.parent / "model.json"
+        weights = path / "model.safetensors"
+        momentum = path / "task.safetensors"
+    else:
+        config = path / "model.json"
+        weights = path / "model.safetensors"
+        momentum = path / "momentum.safetensors"
+    for need in (config, weights):
+        if not need.exists():
+            raise SarkitError(f"--init {spec}: {need} is missing (not a sarkit run?)")
+    return config, weights, momentum if momentum.exists() else None
+
+
+# ---------------------------------------------------------------- building it all
+
+
+def build(records: list[dict], options: PretrainOptions):
+    """(task, dataset, collate) for a pretraining or SCIO stage."""
+    from sarkit.model.knowlip import KnowLIP, Momentum, run_config
+    from sarkit.model.text import TextCodec
+    from sarkit.model.weights import load_weights
+    from sarkit.train.data import Augment, ImageTextCollate, TileDataset, pixel_stats
+
+    base = Path(options.records_path).parent if options.records_path else None
+    torch.manual_seed(options.seed)
+    init = resolve_init(options.init) if options.init else None
+    if init:
+        config = run_config(init[0].parent)
+        model = KnowLIP(config, pretrained_text=False)
+        load_weights(model, init[1])
+        log.info(f"initialised from {options.init} ({config.vision}, fields {config.fields})")
+    else:
+        config = model_config(options, choose_fields(records, options.fields))
+        config.image_mean, config.image_std = pixel_stats(records, base)
+        model = KnowLIP(config)
+    codec = TextCodec.from_pretrained(config.text, config.fields, config.max_tokens)
+    if options.grad_checkpointing:
+        model.vision.set_grad_checkpointing(True)
+        model.text.gradient_checkpointing_enable()
+        model.decoder.gradient_checkpointing_enable()
+    momentum = Momentum(model, config.queue_size, config.momentum)
+    if init and init[2] is not None:
+        from safetensors.torch import load_file
+
+        momentum.load_state_dict(load_file(str(init[2])), strict=True)
+    task = KnowLIPTask(model, momentum, codec, options)
+    augment = Augment() if options.augment else None
+    dataset = TileDataset(
+        records,
+        config.image_size,
+        base,
+        augment,
+        options.seed,
+        config.image_mean,
+        config.image_std,
+        config.center_crop,
+    )
+    return task, dataset, ImageTextCollate(dataset.records, codec)
+
+
+def pretrain(records: list[dict], options: PretrainOptions) -> Path:
+    """Train and return the run folder; the process group is torn down cleanly."""
+    from sarkit.train.engine import teardown_distributed
+    from sarkit.train.loop import Loop, LoopOptions
+
+    source = options.records_path or "records"
+    records = usable_records(records, source, options.strict)
+    try:
+        task, dataset, collate = build(records, options)
+        loop = Loop(task, dataset, collate, LoopOptions.of(options, name="pretrain"))
+        task.rampup = (
+            options.alpha_rampup_steps
+            if options.alpha_rampup_steps is not None
+            else max(1, round(loop.steps_per_epoch))
+        )
+        out = loop.fit()
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed()
+    return out

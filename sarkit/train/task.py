@@ -1,0 +1,85 @@
+"""What the shared training loop asks of a model: a task owns its step, the loop the rest.
+
+A model plugs in by returning ``{"loss": tensor, other scalars}`` from its ``forward``. A
+:class:`TrainTask` wraps it: it turns a collated batch into the forward's keyword arguments,
+does what must happen once per optimiser step outside the engine (KnowLIP's momentum
+encoders), carries extra state for checkpoints, evaluates, and exports the final weights.
+:class:`ModuleTask` is the plain case (a classifier, a detector): the batch is the forward's
+arguments and there is nothing else to do. Pretraining, SCIO and every fine-tuning head go
+through the same loop (``sarkit.train.loop.Loop``) this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to `device`; floating tensors of images (``images``) to the engine's dtype."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if key == "images":
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+class ModuleTask:
+    """A module whose ``forward(**batch)`` returns ``{"loss": ..., scalars}``.
+
+    Subclasses override only what they need: ``inputs`` (which batch keys the forward takes,
+    extra arguments), ``before_step``, ``extra_state``/``load_extra_state``, ``evaluate``,
+    ``export``.
+    """
+
+    name = "module"
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...] | None = None):
+        self.model = model
+        self.keys = keys
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from sarkit.train.engine import param_groups
+
+        return param_groups(self.model, weight_decay)
+
+    def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype, step: int) -> dict:
+        """The forward's keyword arguments for one micro-batch of optimiser step `step`."""
+        if self.keys is not None:
+            batch = {k: batch[k] for k in self.keys if k in batch}
+        return to_device(batch, device, dtype)
+
+    def before_step(self, step: int, engine: Any) -> None:
+        """Called once per optimiser step, before its first micro-batch."""
+
+    def to(self, device: torch.device) -> None:
+        """Move what the task keeps outside the engine (after the engine placed the model)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the engine's (model + optimiser) that a resume needs."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        """Held-out metrics; called on every rank at once (ZeRO-3 forwards need all ranks)."""
+        return {}
+
+    def export(self, out: Path, module: nn.Module) -> None:
+        """Write the final model into the run folder (rank 0, full weights)."""
+        from sarkit.atomic import atomic_path
+        from sarkit.model.weights import save_weights
+
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_weights(module, tmp)
+
+
+EvalFn = Callable[[nn.Module], dict[str, float]]
