@@ -101,10 +101,11 @@ def mfu(
     """(pairs/s, counted TFLOPs per step, MFU or None) of the bare loop on synthetic data."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from sarkit.model.decoder import dec_token_id
     from sarkit.model.knowlip import KnowLIP, Momentum
     from sarkit.model.text import TextCodec
     from sarkit.train.engine import adamw, param_groups
-    from sarkit.train.trainer import model_config
+    from sarkit.train.pretrain import model_config
 
     text = bert_base_folder(tmp / "bert-base") if name == "base-bert" else None
     opts = options(name, tmp / "run", steps, 0, text)
@@ -134,7 +135,8 @@ def mfu(
     def step() -> None:
         momentum.update(model)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            out = model(images, ids, mask, momentum, 0.4, None, special, tok.mask_token_id)
+            out = model(images, ids, mask, momentum, 0.4, None, special, tok.mask_token_id,
+                        None, dec_token_id(tok))  # fmt: skip
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -163,11 +165,12 @@ def mfu(
 
 def bare(recs: list[dict], opts) -> list[float]:
     """samples/s per step of the plain loop."""
+    from sarkit.model.decoder import dec_token_id
     from sarkit.model.knowlip import KnowLIP, Momentum
     from sarkit.model.text import TextCodec
     from sarkit.train.data import Augment, ImageTextCollate, TileDataset
     from sarkit.train.engine import adamw, param_groups
-    from sarkit.train.trainer import choose_fields, model_config
+    from sarkit.train.pretrain import choose_fields, model_config
 
     torch.manual_seed(opts.seed)
     fields = choose_fields(recs, None)
@@ -187,7 +190,8 @@ def bare(recs: list[dict], opts) -> list[float]:
         t = time.perf_counter()
         momentum.update(model)
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"], momentum, 0.4,
-                    batch["mlm_eligible"], special, tok.mask_token_id)  # fmt: skip
+                    batch["mlm_eligible"], special, tok.mask_token_id, batch["groups"],
+                    dec_token_id(tok))  # fmt: skip
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -196,12 +200,79 @@ def bare(recs: list[dict], opts) -> list[float]:
     return rates
 
 
+def logged_rates(out: Path) -> list[float]:
+    with open(out / "metrics.csv", newline="") as fh:
+        return [float(r["samples_s"]) for r in csv.DictReader(fh)]
+
+
 def trainer(recs: list[dict], opts) -> list[float]:
-    from sarkit.train.trainer import pretrain
+    """samples/s per step of `sarkit pretrain`: the KnowLIP task on the shared loop."""
+    from sarkit.train.pretrain import pretrain
 
     pretrain(recs, opts)
-    with open(Path(opts.output) / "metrics.csv", newline="") as fh:
-        return [float(r["samples_s"]) for r in csv.DictReader(fh)]
+    return logged_rates(Path(opts.output))
+
+
+class Classifier(torch.nn.Module):
+    """A plain ViT classifier, as a fine-tuning head plugs into the loop."""
+
+    def __init__(self, vision: str, size: int, classes: int = 10):
+        super().__init__()
+        from sarkit.model.vision import build_vision
+
+        self.vit = build_vision(vision, size)
+        self.head = torch.nn.Linear(self.vit.num_features, classes)
+
+    def forward(self, images: torch.Tensor, label: torch.Tensor) -> dict:
+        logits = self.head(self.vit(images))
+        return {"loss": torch.nn.functional.cross_entropy(logits, label)}
+
+
+def classifier_data(recs: list[dict], opts):
+    from sarkit.train.data import Augment, TileDataset
+
+    ds = TileDataset(recs, opts.image_size, augment=Augment(), seed=opts.seed)
+
+    def collate(items):
+        return {
+            "images": torch.stack([x for x, _ in items]),
+            "label": torch.tensor([recs[i]["label"] for _, i in items]),
+        }
+
+    return ds, collate
+
+
+def classifier_bare(recs: list[dict], opts) -> list[float]:
+    from sarkit.train.engine import adamw, param_groups
+
+    torch.manual_seed(opts.seed)
+    model = Classifier(opts.vision, opts.image_size)
+    optimizer = adamw(param_groups(model, opts.weight_decay), 1e-4)
+    ds, collate = classifier_data(recs, opts)
+    b = opts.batch_size
+    batches = [collate([ds[i] for i in range(k * b, (k + 1) * b)]) for k in range(opts.max_steps)]
+    rates = []
+    for batch in batches:
+        t = time.perf_counter()
+        out = model(**batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(out["loss"].item())
+        rates.append(b / (time.perf_counter() - t))
+    return rates
+
+
+def classifier_loop(recs: list[dict], opts) -> list[float]:
+    """The same classifier through the shared loop (DataLoader workers, logs, export)."""
+    from sarkit.train.loop import Loop, LoopOptions
+    from sarkit.train.task import ModuleTask
+
+    torch.manual_seed(opts.seed)
+    ds, collate = classifier_data(recs, opts)
+    task = ModuleTask(Classifier(opts.vision, opts.image_size))
+    Loop(task, ds, collate, LoopOptions.of(opts, name="classify")).fit()
+    return logged_rates(Path(opts.output))
 
 
 def main() -> None:
@@ -210,6 +281,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--mfu", action="store_true", help="pairs/s and MFU of the bare loop")
+    ap.add_argument(
+        "--no-classifier", dest="classifier", action="store_false",
+        help="skip the plain ViT classifier (bare loop vs the shared loop)",
+    )  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--peak-tflops", type=float, help="the device's dense peak for MFU")
@@ -243,14 +318,19 @@ def main() -> None:
             recs = records(opts.batch_size * args.steps)
             r_bare = statistics.median(bare(recs, opts)[2:])
             r_trainer = statistics.median(trainer(recs, opts)[2:])
-        rows.append((name, opts.batch_size, r_bare, r_trainer, r_bare / r_trainer - 1))
+            rows.append((f"{name} KnowLIP", opts.batch_size, r_bare, r_trainer))
+            if args.classifier:
+                opts.output = Path(tmp) / "cls"
+                r_bare = statistics.median(classifier_bare(recs, opts)[2:])
+                r_loop = statistics.median(classifier_loop(recs, opts)[2:])
+                rows.append((f"{name} classifier", opts.batch_size, r_bare, r_loop))
         print(f"# {name} done, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, "
           f"image 224, max tokens 128, {args.steps} steps (median of steps 3..)")  # fmt: skip
-    print("| config | batch | bare samples/s | trainer samples/s | trainer overhead |")
+    print("| config | batch | bare samples/s | shared loop samples/s | loop overhead |")
     print("|---|---|---|---|---|")
-    for name, batch, rb, rt, over in rows:
-        print(f"| {name} | {batch} | {rb:.2f} | {rt:.2f} | {over * 100:+.1f}% |")
+    for name, batch, rb, rt in rows:
+        print(f"| {name} | {batch} | {rb:.2f} | {rt:.2f} | {(rb / rt - 1) * 100:+.1f}% |")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
