@@ -26,6 +26,7 @@ from sarkit.caption.parsing import extract, problem
 from sarkit.caption.templates import TASKS, TaskSpec, Templates, find_prompts
 from sarkit.errors import SarkitError
 from sarkit.llm.base import Answer, BackendError, BackendFatal, Model, Request
+from sarkit.raster.tileread import TileReadError
 from sarkit.records import Located
 from sarkit.report import Report
 
@@ -151,9 +152,9 @@ class Captioner:
         rid = str(job.record["id"])
         try:
             stage, why, task, task_name, prompt = self.prepare(job)
-        except SarkitError:
-            raise
-        except Exception as exc:  # an unreadable tile fails alone
+        except Exception as exc:  # an unreadable tile fails alone; a bad template stops all
+            if isinstance(exc, SarkitError) and not isinstance(exc, TileReadError):
+                raise
             reason = f"cannot read tile {job.path}: {exc}"
             caption = {"backend": self.model.backend, "model": self.model.sent_id, "failed": reason}
             if job.parent_note:

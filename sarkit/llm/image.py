@@ -8,28 +8,17 @@ import io
 import numpy as np
 
 
-class TileImageError(OSError):
-    """One tile the LLM cannot read (the shared reader's message: path and why).
-
-    Not a SarkitError on purpose: the caption chain stops the whole run on a SarkitError
-    raised while it prepares a prompt (a bad template is everyone's problem) and fails only
-    the tile on anything else, which is what an unreadable tile deserves.
-    """
-
-
 def read_gray(path: str, max_side: int = 1024) -> tuple[np.ndarray, float]:
     """The tile as uint8 grey at most `max_side` pixels a side, and the decimation factor.
 
     The pixels are the shared reader's (`sarkit.raster.tileread`), so the LLM sees what the
     filter measured and the model trains on; large tiles are block-mean decimated with
-    zeros kept (dark speckle stays dark). Raises TileImageError for an unreadable tile.
+    zeros kept (dark speckle stays dark). Raises the reader's TileReadError, which the
+    caption chain takes as that one tile's failure.
     """
-    from sarkit.raster.tileread import TileReadError, block_mean, read_u8
+    from sarkit.raster.tileread import block_mean, read_u8
 
-    try:
-        gray = read_u8(path)
-    except TileReadError as exc:
-        raise TileImageError(str(exc)) from exc
+    gray = read_u8(path)
     small, k = block_mean(gray, max_side)
     return small, float(k)
 
