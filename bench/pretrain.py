@@ -185,18 +185,27 @@ def bare(recs: list[dict], opts) -> list[float]:
     batches = [collate([ds[i] for i in range(k * b, (k + 1) * b)]) for k in range(opts.max_steps)]
     tok = codec.tokenizer
     special = [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]
+
+    def forward(batch: dict) -> dict:
+        momentum.update(model)
+        return model(batch["images"], batch["input_ids"], batch["attention_mask"], momentum,
+                     0.4, batch["mlm_eligible"], special, tok.mask_token_id, batch["groups"],
+                     dec_token_id(tok))  # fmt: skip
+
+    return timed_steps(batches, forward, optimizer)
+
+
+def timed_steps(batches: list[dict], forward, optimizer) -> list[float]:
+    """samples/s of each hand-written step (forward, backward, optimiser step, loss read)."""
     rates = []
     for batch in batches:
         t = time.perf_counter()
-        momentum.update(model)
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], momentum, 0.4,
-                    batch["mlm_eligible"], special, tok.mask_token_id, batch["groups"],
-                    dec_token_id(tok))  # fmt: skip
+        out = forward(batch)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(out["loss"].item())
-        rates.append(b / (time.perf_counter() - t))
+        rates.append(len(batch["images"]) / (time.perf_counter() - t))
     return rates
 
 
@@ -251,16 +260,7 @@ def classifier_bare(recs: list[dict], opts) -> list[float]:
     ds, collate = classifier_data(recs, opts)
     b = opts.batch_size
     batches = [collate([ds[i] for i in range(k * b, (k + 1) * b)]) for k in range(opts.max_steps)]
-    rates = []
-    for batch in batches:
-        t = time.perf_counter()
-        out = model(**batch)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(out["loss"].item())
-        rates.append(b / (time.perf_counter() - t))
-    return rates
+    return timed_steps(batches, lambda batch: model(**batch), optimizer)
 
 
 def classifier_loop(recs: list[dict], opts) -> list[float]:

@@ -35,6 +35,7 @@ from sarkit.model.weights import load_weights
 
 TEMP_RANGE = (0.001, 0.5)
 DECODER_LOSSES = ("mlm", "lm", "both")
+EMA_CHUNK = 20_000_000  # parameters gathered at once for the ZeRO-3 EMA step
 
 
 @dataclass
@@ -572,18 +573,42 @@ class Momentum(nn.Module):
         return [(p, live[name]) for name, p in self.named_parameters()]
 
     @torch.no_grad()
-    def update(self, model: KnowLIP, gathered: Callable[[list], Any] | None = None) -> None:
-        """EMA step towards the live model (`gathered` gives full ZeRO-3 parameters)."""
+    def update(
+        self,
+        model: KnowLIP,
+        gathered: Callable[[list], Any] | None = None,
+        chunk: int = EMA_CHUNK,
+    ) -> None:
+        """EMA step towards the live model.
+
+        `gathered` gives full ZeRO-3 parameters; they are gathered in chunks of about
+        `chunk` elements, never the whole model at once (ViT-L: 1.2 GB more per rank).
+        """
         pairs = self.pairs(model)
-        ctx = gathered([q for _, q in pairs]) if gathered else nullcontext()
-        with ctx:
-            same = [(p_m, p) for p_m, p in pairs if p_m.dtype == p.dtype]
-            if same:  # a few fused launches per step on a GPU, not two per tensor
-                ms, ps = [p_m for p_m, _ in same], [p.detach() for _, p in same]
-                torch._foreach_lerp_(ms, ps, 1 - self.m)
-            for p_m, p in pairs:
-                if p_m.dtype != p.dtype:
-                    p_m.mul_(self.m).add_(p.detach().to(p_m.dtype), alpha=1 - self.m)
+        if gathered is None:
+            self._lerp(pairs)
+            return
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        size = 0
+        for p_m, p in pairs:
+            group.append((p_m, p))
+            size += p_m.numel()
+            if size >= chunk:
+                with gathered([q for _, q in group]):
+                    self._lerp(group)
+                group, size = [], 0
+        if group:
+            with gathered([q for _, q in group]):
+                self._lerp(group)
+
+    def _lerp(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        same = [(p_m, p) for p_m, p in pairs if p_m.dtype == p.dtype]
+        if same:  # a few fused launches per step on a GPU, not two per tensor
+            ms, ps = [p_m for p_m, _ in same], [p.detach() for _, p in same]
+            torch._foreach_lerp_(ms, ps, 1 - self.m)
+        for p_m, p in pairs:
+            if p_m.dtype != p.dtype:
+                p_m.mul_(self.m).add_(p.detach().to(p_m.dtype), alpha=1 - self.m)
 
     @torch.no_grad()
     def copy_from(self, model: KnowLIP) -> None:

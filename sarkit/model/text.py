@@ -225,15 +225,17 @@ def bert_hidden(
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def plain_text_tower(bert: torch.nn.Module, path: str | Path, tokenizer: Any) -> None:
+def plain_text_tower(
+    bert_config: Any, bert_state: dict[str, torch.Tensor], path: str | Path, tokenizer: Any
+) -> None:
     """Save the unimodal text encoder as an ordinary BERT (no decoder flags, no cross-attn)."""
     from transformers import BertModel
 
-    config = bert.config.__class__.from_dict(bert.config.to_dict())
+    config = bert_config.__class__.from_dict(bert_config.to_dict())
     config.is_decoder = False
     config.add_cross_attention = False
     plain = BertModel(config, add_pooling_layer=False)
-    state = {k: v for k, v in bert.state_dict().items() if "crossattention" not in k}
+    state = {k: v for k, v in bert_state.items() if "crossattention" not in k}
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "pooler" not in k]:
         raise RuntimeError(f"text tower export mismatch: {missing} {unexpected}")

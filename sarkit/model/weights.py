@@ -5,12 +5,94 @@ Shared by every model and engine: no checkpoint or export is ever a pickle.
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sarkit.errors import SarkitError
+
+
+def saved_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs a weights file holds: parameters (tied ones once) and
+    persistent buffers, in a fixed order."""
+    keys = set(module.state_dict().keys())
+    pairs = list(module.named_parameters()) + list(module.named_buffers())
+    return [(name, t) for name, t in pairs if name in keys]
+
+
+def saved_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.is_floating_point() else t.dtype
+
+
+def weights_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and persistent buffers as fp32 CPU copies, tied ones once."""
+    return {
+        name: t.detach().to("cpu", saved_dtype(t), copy=True).contiguous()
+        for name, t in saved_tensors(module)
+    }
+
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+) -> None:
+    """Write a safetensors file one tensor at a time, in the order of `specs`.
+
+    ``safetensors.torch.save_file`` builds the whole file in memory first (a second copy of
+    every weight): for ViT-L under ZeRO-3 offload that transient alone was 1.2 GB on rank 0.
+    Here the header comes from the names, dtypes and shapes up front, and `tensors` (a
+    generator, e.g. gathering one parameter at a time) is written as it comes.
+    """
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        for n in shape:
+            size *= int(n)
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": [int(n) for n in shape],
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        written = 0
+        for name, t in tensors:
+            dtype, shape = specs[name]
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)} is not {dtype} {shape}")
+            if header[name]["data_offsets"][0] != written:
+                raise ValueError(f"{name}: tensors must come in the order of their specs")
+            data = t.detach().to("cpu").contiguous()
+            if data.dtype == torch.bfloat16:  # numpy has no bf16: write its bits
+                data = data.view(torch.int16)
+            fh.write(memoryview(data.numpy()).cast("B"))
+            written = header[name]["data_offsets"][1]
+        if written != offset:
+            raise ValueError(f"{path}: {offset - written} bytes of tensors never came")
 
 
 def save_weights(module: nn.Module, path: str | Path) -> None:
@@ -21,13 +103,7 @@ def save_weights(module: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    keys = set(module.state_dict().keys())
-    state = {}
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if name in keys:
-            dtype = torch.float32 if t.is_floating_point() else t.dtype
-            state[name] = t.detach().to("cpu", dtype, copy=True).contiguous()
-    save_file(state, str(path))
+    save_file(weights_state(module), str(path))
 
 
 def load_weights(module: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:

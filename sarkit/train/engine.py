@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ DS_PRESETS = {
     "zero3-offload": (3, True),
 }
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The presets bound DeepSpeed's buffers (its defaults: 5e8-element buckets, 1e9 live
+# parameters and optimiser sub-groups, which for ViT-L are GBs per rank beside the model);
+# bench/deepspeed_memory.py measures what they save. A JSON config sets its own.
+ZERO_BUCKETS = {"reduce_bucket_size": 10_000_000, "allgather_bucket_size": 10_000_000}
+ZERO3_LIMITS = {
+    "stage3_max_live_parameters": 10_000_000,
+    "stage3_max_reuse_distance": 10_000_000,
+    "stage3_prefetch_bucket_size": 10_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "sub_group_size": 10_000_000,
+}
 
 
 # ---------------------------------------------------------------- processes
@@ -217,9 +229,13 @@ class PlainEngine:
     def clamp_parameter(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
         param.clamp_(lo, hi)
 
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[torch.nn.Module]:
-        yield self.module
+    def full_weights(self) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+        """(name -> (dtype, shape), the fp32 weights one at a time) for a weights file."""
+        from sarkit.model.weights import saved_dtype, saved_tensors
+
+        pairs = saved_tensors(self.module)
+        specs = {name: (saved_dtype(t), tuple(t.shape)) for name, t in pairs}
+        return specs, ((name, t.detach().to(saved_dtype(t))) for name, t in pairs)
 
     def save(self, folder: Path, rank: int) -> None:
         from sarkit.model.weights import save_weights
@@ -257,7 +273,9 @@ def deepspeed_config(spec: str, options: Any) -> dict:
     """A DeepSpeed config from a preset name or a JSON file; batch and precision filled in."""
     if spec in DS_PRESETS:
         stage, offload = DS_PRESETS[spec]
-        zero: dict[str, Any] = {"stage": stage}
+        zero: dict[str, Any] = {"stage": stage, **ZERO_BUCKETS}
+        if stage == 3:
+            zero.update(ZERO3_LIMITS)
         if offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
             if stage == 3:
@@ -340,6 +358,10 @@ class DeepSpeedEngine:
 
     def __init__(self, task: Any, options: Any, device: torch.device, world: int):
         deepspeed = import_deepspeed()
+        # torch deprecates the collectives DeepSpeed calls; said once per call otherwise
+        warnings.filterwarnings(
+            "ignore", r".*torch\.distributed\.\w+` is deprecated", FutureWarning
+        )
         model = task.model
         self.config = deepspeed_config(options.deepspeed, options)
         if self.config.get("gradient_accumulation_steps") != getattr(options, "grad_accum", 1):
@@ -413,11 +435,35 @@ class DeepSpeedEngine:
         if not torch.equal(clamped, master):
             safe_set_full_fp32_param(param, clamped)
 
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[torch.nn.Module]:
-        """The module with every parameter whole (all ranks must enter together)."""
-        with self.gathered(list(self.module.parameters())):
-            yield self.module
+    def full_weights(self) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+        """(name -> (dtype, shape), the optimiser's fp32 master weights one at a time).
+
+        Every rank must run the iterator to its end (each parameter's gather is
+        collective); a parameter is gathered only as it is written, so no rank holds the
+        whole model at once (ViT-L under ZeRO-3 offload), and a bf16 run exports its fp32
+        masters, not their bf16 roundings.
+        """
+        from sarkit.model.weights import saved_dtype, saved_tensors
+
+        pairs = saved_tensors(self.module)
+        specs = {
+            name: (saved_dtype(t), tuple(getattr(t, "ds_shape", t.shape))) for name, t in pairs
+        }
+        return specs, self._gather_each(pairs)
+
+    def _gather_each(self, pairs: list) -> Iterator[tuple[str, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from sarkit.model.weights import saved_dtype
+
+        for name, t in pairs:
+            full = None
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                full = safe_get_full_fp32_param(t)
+            if full is None:
+                with self.gathered([t] if isinstance(t, torch.nn.Parameter) else []):
+                    full = t.detach().to("cpu", saved_dtype(t), copy=True)
+            yield name, full.detach().to("cpu", saved_dtype(t))
 
     def save(self, folder: Path, rank: int) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)

@@ -394,13 +394,15 @@ class Loop:
         log.info(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def export(self) -> None:
-        """Final weights: all ranks gather, rank 0 lets the task write them."""
+        """Final weights: all ranks gather (a parameter at a time), rank 0 has the task write."""
         from sarkit.train.engine import barrier
 
-        with self.engine.full_weights() as model:
-            if self.main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                self.task.export(self.out, model)
+        specs, tensors = self.engine.full_weights()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.task.export(self.out, self.engine.module, specs, tensors)
+        for _ in tensors:  # every rank takes part in every gather, the task's or not
+            pass
         barrier()
 
 

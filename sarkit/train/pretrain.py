@@ -171,36 +171,48 @@ class KnowLIPTask(ModuleTask):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.momentum.load_state_dict(state, strict=True)
 
-    def export(self, out: Path, module: Any) -> None:
-        export_run(out, module, self.momentum, self.codec.tokenizer)
+    def export(self, out: Path, module: Any, specs: dict, tensors: Any) -> None:
+        export_run(out, module, specs, tensors, self.momentum, self.codec.tokenizer)
 
 
-def export_run(out: Path, model: Any, momentum: Any, tokenizer: Any) -> None:
-    """model.json, the weights and the timm/transformers exports (see the module doc)."""
-    from safetensors.torch import save_file
+def export_run(
+    out: Path, model: Any, specs: dict, tensors: Any, momentum: Any, tokenizer: Any
+) -> None:
+    """model.json, the weights and the timm/transformers exports (see the module doc).
+
+    `tensors` yields the full fp32 weights of `model` one at a time (its own parameters may
+    be ZeRO-3 shards); the towers' exports are then copied out of model.safetensors a
+    tensor at a time, so no step holds the whole model twice.
+    """
+    from safetensors import safe_open
 
     from sarkit.model.text import plain_text_tower
     from sarkit.model.weights import save_weights
+    from sarkit.train.task import write_weights
 
     config = model.config
     write_text(out / "model.json", config.to_json())
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_weights(model, tmp)
+    write_weights(out / "model.safetensors", specs, tensors)
     if momentum is not None:
         with atomic_path(out / "momentum.safetensors") as tmp:
             save_weights(momentum, tmp)
     exp = out / "export"
     exp.mkdir(parents=True, exist_ok=True)
-    vision = {
-        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
-        for k, v in model.vision.state_dict().items()
-    }
-    with atomic_path(exp / "vision.safetensors") as tmp:
-        save_file(vision, str(tmp))
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        names = [k for k in specs if k.startswith("vision.")]
+        vision = {k.removeprefix("vision."): specs[k] for k in names}
+        write_weights(
+            exp / "vision.safetensors",
+            vision,
+            ((k.removeprefix("vision."), weights.get_tensor(k)) for k in names),
+        )
+        text = {
+            k.removeprefix("text."): weights.get_tensor(k) for k in specs if k.startswith("text.")
+        }
     write_text(exp / "vision.json", json.dumps(vision_meta(model), indent=2))
     text_tmp = exp / ".text.partial"
     shutil.rmtree(text_tmp, ignore_errors=True)
-    plain_text_tower(model.text, text_tmp, tokenizer)
+    plain_text_tower(model.text.config, text, text_tmp, tokenizer)
     shutil.rmtree(exp / "text", ignore_errors=True)
     os.replace(text_tmp, exp / "text")
 
@@ -302,6 +314,13 @@ def pretrain(records: list[dict], options: PretrainOptions) -> Path:
 
     source = options.records_path or "records"
     records = usable_records(records, source, options.strict)
+    if options.deepspeed:
+        from sarkit.train.engine import deepspeed_config
+        from sarkit.train.memory import return_freed_memory
+
+        zero = deepspeed_config(options.deepspeed, options).get("zero_optimization", {})
+        if "offload_param" in zero or "offload_optimizer" in zero:
+            return_freed_memory()  # before the model is built: see sarkit.train.memory
     try:
         task, dataset, collate = build(records, options)
         loop = Loop(task, dataset, collate, LoopOptions.of(options, name="pretrain"))

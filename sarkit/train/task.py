@@ -11,7 +11,7 @@ through the same loop (``sarkit.train.loop.Loop``) this way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,23 @@ class ModuleTask:
         """Held-out metrics; called on every rank at once (ZeRO-3 forwards need all ranks)."""
         return {}
 
-    def export(self, out: Path, module: nn.Module) -> None:
-        """Write the final model into the run folder (rank 0, full weights)."""
-        from sarkit.atomic import atomic_path
-        from sarkit.model.weights import save_weights
+    def export(self, out: Path, module: nn.Module, specs: dict, tensors: Iterator) -> None:
+        """Write the final model into the run folder (rank 0).
 
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_weights(module, tmp)
+        `tensors` yields the full fp32 weights one at a time as `specs` lists them (the
+        engine gathers each as it is asked for); `module` is the trained module, for its
+        configuration only (under ZeRO-3 its parameters are shards).
+        """
+        write_weights(out / "model.safetensors", specs, tensors)
+
+
+def write_weights(path: Path, specs: dict, tensors: Iterator) -> None:
+    """A weights file written as the tensors come, atomically."""
+    from sarkit.atomic import atomic_path
+    from sarkit.model.weights import write_safetensors
+
+    with atomic_path(path) as tmp:
+        write_safetensors(tmp, specs, tensors)
 
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
