@@ -293,3 +293,28 @@ def test_plain_loop_resumes_exactly_with_accumulation(tmp_path):
     assert [r["loss"] for r in rows(tmp_path / "full")] == [
         r["loss"] for r in rows(tmp_path / "split")
     ]
+
+
+def test_streaming_weights_file_reads_back_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from sarkit.model.weights import write_safetensors
+
+    tensors = {
+        "a.weight": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c.half": torch.randn(4, 2).to(torch.bfloat16),
+        "d.scalar": torch.tensor(2.5),
+        "e.empty": torch.zeros(0, 3),
+    }
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, specs, iter(tensors.items()))
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with pytest.raises(ValueError, match="order"):
+        write_safetensors(path, specs, reversed(list(tensors.items())))
+    with pytest.raises(ValueError, match="never came"):
+        write_safetensors(path, specs, iter(list(tensors.items())[:2]))

@@ -89,7 +89,8 @@ def write_safetensors(
             data = t.detach().to("cpu").contiguous()
             if data.dtype == torch.bfloat16:  # numpy has no bf16: write its bits
                 data = data.view(torch.int16)
-            fh.write(memoryview(data.numpy()).cast("B"))
+            if data.numel():
+                fh.write(memoryview(data.numpy().reshape(-1)).cast("B"))
             written = header[name]["data_offsets"][1]
         if written != offset:
             raise ValueError(f"{path}: {offset - written} bytes of tensors never came")
