@@ -37,17 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        out += [int(k) for k in kids]
-        todo += [int(k) for k in kids]
-    return out
+def ranks(pid: int) -> list[int]:
+    """torchrun's children that run sarkit: the ranks, not processes they fork (a forked
+    helper inherits the rank's command line and pages, and would count them twice)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids if is_rank(int(k))]
 
 
 def hwm(pid: int) -> int | None:
@@ -76,8 +73,8 @@ def run(args: list[str], env: dict) -> tuple[list[int], float, str]:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=env)
         peaks: dict[int, int] = {}
         while proc.poll() is None:
-            for pid in descendants(proc.pid):
-                if is_rank(pid) and (value := hwm(pid)) is not None:
+            for pid in ranks(proc.pid):
+                if (value := hwm(pid)) is not None:
                     peaks[pid] = max(peaks.get(pid, 0), value)
             time.sleep(0.2)
         err.seek(0)
