@@ -318,3 +318,13 @@ def test_streaming_weights_file_reads_back_with_safetensors(tmp_path):
         write_safetensors(path, specs, reversed(list(tensors.items())))
     with pytest.raises(ValueError, match="never came"):
         write_safetensors(path, specs, iter(list(tensors.items())[:2]))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--lr", "nan"), ("--lr", "0"), ("--warmup-steps", "-1"), ("--center-crop", "0"),
+     ("--momentum", "2"), ("--alpha", "inf"), ("--image-size", "0"), ("--grad-accum", "0")],
+)  # fmt: skip
+def test_numeric_options_are_checked_at_parse_time(option, tmp_path, cli):
+    proc = cli("pretrain", tmp_path / "none.jsonl", "-o", tmp_path / "run", *option, check=2)
+    assert option[0] in proc.stderr and "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ import typer
 
 from sarkit import log, plugins
 from sarkit.errors import SarkitError, UsageError
+from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
 
 def check_output_folder(path: Path) -> None:
@@ -49,7 +50,10 @@ def command(
     text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
     image_size: int = typer.Option(224, "--image-size", min=16),
     center_crop: float = typer.Option(
-        1.0, "--center-crop", help="Keep this side fraction of each tile (centred) first."
+        1.0,
+        "--center-crop",
+        parser=number_in(0, 1, lo_open=True),
+        help="Keep this side fraction of each tile (centred) first.",
     ),
     epochs: int = typer.Option(12, "--epochs", min=1),
     max_steps: int = typer.Option(
@@ -59,22 +63,32 @@ def command(
     grad_accum: int = typer.Option(
         1, "--grad-accum", min=1, help="Micro-batches per optimiser step (gradient accumulation)."
     ),
-    lr: float = typer.Option(3e-4, "--lr"),
-    warmup_steps: int = typer.Option(3000, "--warmup-steps"),
-    lr_decay: float = typer.Option(0.9, "--lr-decay", help="Per-epoch factor after warm-up."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    text_lr_scale: float = typer.Option(
-        1.0, "--text-lr-scale", help="lr factor for the pretrained text tower and decoder."
+    lr: float = typer.Option(3e-4, "--lr", parser=POSITIVE),
+    warmup_steps: int = typer.Option(3000, "--warmup-steps", min=0),
+    lr_decay: float = typer.Option(
+        0.9, "--lr-decay", parser=FRACTION, help="Per-epoch factor after warm-up."
     ),
-    queue_size: int = typer.Option(20000, "--queue-size"),
-    embed_dim: int = typer.Option(256, "--embed-dim"),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", parser=NON_NEGATIVE),
+    text_lr_scale: float = typer.Option(
+        1.0,
+        "--text-lr-scale",
+        parser=NON_NEGATIVE,
+        help="lr factor for the pretrained text tower and decoder.",
+    ),
+    queue_size: int = typer.Option(20000, "--queue-size", min=0),
+    embed_dim: int = typer.Option(256, "--embed-dim", min=1),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=3),
     fields: str = typer.Option(
         None, "--fields", help="Comma-separated text fields in order (default: the records')."
     ),
-    alpha: float = typer.Option(0.4, "--alpha", help="Momentum distillation weight."),
+    alpha: float = typer.Option(
+        0.4, "--alpha", parser=FRACTION, help="Momentum distillation weight."
+    ),
     momentum: float = typer.Option(
-        0.995, "--momentum", help="EMA factor of the momentum encoders (lower for short runs)."
+        0.995,
+        "--momentum",
+        parser=FRACTION,
+        help="EMA factor of the momentum encoders (lower for short runs).",
     ),
     pool: str = typer.Option("mean", "--pool", help="ITC features: mean of tokens, or cls."),
     decoder_loss: str = typer.Option(
@@ -109,8 +123,6 @@ def command(
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
-    if not 0.0 < center_crop <= 1.0:
-        raise UsageError(f"--center-crop {center_crop}: use a fraction in (0, 1]")
     if decoder_loss not in ("mlm", "lm", "both"):
         raise UsageError(f"--decoder-loss {decoder_loss}: use mlm, lm or both")
     if pool not in ("mean", "cls"):
