@@ -87,8 +87,8 @@ def test_losses_train_and_queue_takes_any_batch(tiny):
         filled.append(int(momentum.queue_filled))
         start += n
     assert ptrs == [4, 8, 1, 1] and filled == [4, 8, 10, 10]
-    # total is the equal-weighted sum
-    assert torch.allclose(out["loss"], out["itc"] + out["itm"] + out["mlm"])
+    # total is the equal-weighted sum (the default decoder objective is MLM + causal LM)
+    assert torch.allclose(out["loss"], out["itc"] + out["itm"] + out["mlm"] + out["lm"])
 
 
 def test_momentum_is_an_ema(tiny):
