@@ -1,7 +1,8 @@
 """Every DeepSpeed preset trains in fp32 and bf16 (and fp16 where the accelerator has it).
 
-One process on the CPU (gloo), the tiny model on real MSTAR chips, two optimiser steps with
-gradient accumulation 2 each: every logged loss finite, the weights moved, the run exported
+One process on the CPU (gloo), the tiny model on real MSTAR chips, one optimiser step (of
+two accumulated micro-batches under zero2; bf16 backward is slow on this CPU, 7 s a
+micro-batch, and the suite has a time budget): every logged loss finite, the run exported
 as fp32 safetensors that ``KnowLIP.from_run`` loads. Under bf16/fp16 DeepSpeed hands the
 model half-precision images while KnowLIP's momentum towers stay fp32 (they autocast), and
 the temperature's fp32 master copy is clamped through DeepSpeed's fragment API each step;
@@ -52,11 +53,12 @@ def test_preset_trains_in_precision(preset, precision, records, tmp_path, cli):
     from sarkit.model.knowlip import KnowLIP
 
     run = tmp_path / "run"
+    accum = "2" if preset == "zero2" else "1"  # DeepSpeed's own accumulation, once per precision
     cli("pretrain", records, "-o", run, *TINY, "--workers", "0", "--deepspeed", preset,
-        "--precision", precision, "--max-steps", "2", "--grad-accum", "2", "--save-every", "0",
+        "--precision", precision, "--max-steps", "1", "--grad-accum", accum, "--save-every", "0",
         env=ENV, check=0)  # fmt: skip
     got = rows(run)
-    assert [r["step"] for r in got] == ["1", "2"]
+    assert [r["step"] for r in got] == ["1"]
     for row in got:
         for key in ("loss", "itc", "itm", "mlm", "lm"):
             assert math.isfinite(float(row[key])), (preset, precision, row)
