@@ -32,7 +32,7 @@ def sarkit(*args: str, input: str | None = None, cwd: Path | None = None, env=No
         text=True,
         cwd=cwd,
         env=full_env,
-        timeout=600,
+        timeout=900,  # the MSTAR learning run takes 9 min on a loaded 2-core machine
     )
     if check is not None and proc.returncode != check:
         raise AssertionError(
