@@ -265,7 +265,8 @@ def classifier_bare(recs: list[dict], opts) -> list[float]:
 
 def classifier_loop(recs: list[dict], opts) -> list[float]:
     """The same classifier through the shared loop (DataLoader workers, logs, export)."""
-    from sarkit.train.loop import Loop, LoopOptions
+    from sarkit.train.loop import Loop
+    from sarkit.train.options import LoopOptions
     from sarkit.train.task import ModuleTask
 
     torch.manual_seed(opts.seed)

@@ -258,7 +258,8 @@ class Pairs(torch.utils.data.Dataset):
 
 
 def fit_linear(out, **kw):
-    from sarkit.train.loop import Loop, LoopOptions
+    from sarkit.train.loop import Loop
+    from sarkit.train.options import LoopOptions
     from sarkit.train.task import ModuleTask
 
     model = Linear()

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,46 +34,10 @@ import torch
 from sarkit import log
 from sarkit.atomic import write_text
 from sarkit.errors import SarkitError
+from sarkit.train.options import LoopOptions
 from sarkit.train.schedule import Schedule
 
 BASE_COLUMNS = ("step", "epoch", "lr", "samples_s")
-
-
-@dataclass
-class LoopOptions:
-    """What the loop needs; stage options (PretrainOptions, fine-tune options) carry these."""
-
-    output: Path
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 3e-4
-    lr_start: float = 1e-6
-    lr_min: float = 1e-6
-    warmup_steps: int = 0
-    lr_decay: float = 0.9
-    schedule: str = "step"
-    weight_decay: float = 0.05
-    precision: str = "fp32"
-    deepspeed: str | None = None
-    workers: int = 2
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_every: int = 0  # 0: at the end of each epoch (when the task evaluates)
-    resume: str | None = None
-    seed: int = 42
-    name: str = "train"
-
-    @classmethod
-    def of(cls, options: Any, **overrides: Any) -> LoopOptions:
-        """The loop's share of a stage's options object (fields of the same name)."""
-        from dataclasses import fields
-
-        values = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
-        values.update(overrides)
-        return cls(**values)
 
 
 def _scalar(value: Any) -> float:

@@ -1,16 +1,54 @@
-"""Options for `sarkit pretrain` (and the defaults of the paper, section 4.1)."""
+"""Options of the shared training loop, and of `sarkit pretrain` on top of them (the
+defaults of the paper, section 4.1)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
-class PretrainOptions:
-    """What the trainer needs; a plugin reads the fields it knows and ignores the rest."""
+class LoopOptions:
+    """What the loop needs; stage options (PretrainOptions, fine-tune options) carry these."""
 
     output: Path
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    lr_start: float = 1e-6
+    lr_min: float = 1e-6
+    warmup_steps: int = 0
+    lr_decay: float = 0.9
+    schedule: str = "step"
+    weight_decay: float = 0.05
+    precision: str = "fp32"
+    deepspeed: str | None = None
+    workers: int = 2
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 0  # 0: at the end of each epoch (when the task evaluates)
+    resume: str | None = None
+    seed: int = 42
+    name: str = "train"
+
+    @classmethod
+    def of(cls, options: Any, **overrides: Any) -> LoopOptions:
+        """The loop's share of a stage's options object (fields of the same name)."""
+        from dataclasses import fields
+
+        values = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class PretrainOptions(LoopOptions):
+    """The loop's options plus the model's; a plugin reads the fields it knows."""
+
     records_path: str | None = None
     # model
     vision: str = "vit_base_patch16_224"
@@ -32,31 +70,13 @@ class PretrainOptions:
     drop_path: float = 0.0
     pool: str = "mean"  # ITC features: "mean" or "cls"
     decoder_loss: str = "both"  # mlm | lm | both (see KnowLIPConfig)
-    # optimisation (paper defaults)
+    # the paper's schedule over the loop's defaults
     epochs: int = 12
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float = 3e-4
-    lr_start: float = 1e-6
-    lr_min: float = 1e-6
     warmup_steps: int = 3000
-    lr_decay: float = 0.9
-    schedule: str = "step"  # see sarkit.train.schedule
-    grad_accum: int = 1  # micro-batches per optimiser step
-    weight_decay: float = 0.05
+    name: str = "pretrain"
     text_lr_scale: float = 1.0  # lr factor for the pretrained text tower and decoder
-    # engine
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero2-offload | zero3-offload | FILE
     grad_checkpointing: bool = False
     # data and bookkeeping
-    workers: int = 2
     augment: bool = True
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_every: int = 0
     strict: bool = False  # failed/dropped/empty records are an error, not skipped
-    resume: str | None = None  # "latest" or a checkpoint folder
-    seed: int = 42
     extra: dict = field(default_factory=dict)

@@ -310,7 +310,7 @@ def build(records: list[dict], options: PretrainOptions):
 def pretrain(records: list[dict], options: PretrainOptions) -> Path:
     """Train and return the run folder; the process group is torn down cleanly."""
     from sarkit.train.engine import teardown_distributed
-    from sarkit.train.loop import Loop, LoopOptions
+    from sarkit.train.loop import Loop
 
     source = options.records_path or "records"
     records = usable_records(records, source, options.strict)
@@ -323,7 +323,7 @@ def pretrain(records: list[dict], options: PretrainOptions) -> Path:
             return_freed_memory()  # before the model is built: see sarkit.train.memory
     try:
         task, dataset, collate = build(records, options)
-        loop = Loop(task, dataset, collate, LoopOptions.of(options, name="pretrain"))
+        loop = Loop(task, dataset, collate, options)
         task.rampup = (
             options.alpha_rampup_steps
             if options.alpha_rampup_steps is not None
