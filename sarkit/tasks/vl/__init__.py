@@ -1,0 +1,1 @@
+"""Vision-language tasks: retrieval, captioning, VQA, their data builders, text analysis."""
