@@ -247,12 +247,18 @@ class KnowLIP(nn.Module):
         mask_id: int = 103,
         groups: torch.Tensor | None = None,
         dec_id: int = 1,
+        lm_ids: torch.Tensor | None = None,
+        lm_mask: torch.Tensor | None = None,
+        lm_prefix: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The losses for one batch; also enqueues the momentum features (call once per step).
 
         ``groups`` (one integer per sample) marks pairs that describe the same thing (BLIP's
         ``idx``: several captions of one image, or interchangeable texts): within a group,
         ITC counts every pair as positive and ITM never draws a hard negative.
+        ``lm_ids``/``lm_mask``/``lm_prefix``: the causal LM's own rows (decoder.lm_inputs
+        layout, one per sample, e.g. SCIO's "other segments + field label -> segment"),
+        trained instead of the full texts; the tokens before ``lm_prefix`` are context only.
         """
         if groups is None:
             groups = _unique_groups(images.shape[0], images.device)
@@ -292,7 +298,21 @@ class KnowLIP(nn.Module):
             )
             loss = loss + w_mlm * out["mlm"]
         if objective in ("lm", "both"):
-            out["lm"] = self.lm_loss(img_tokens, input_ids, attention_mask, mlm_eligible, dec_id)
+            if lm_ids is not None:
+                from sarkit.model.decoder import lm_loss
+
+                out["lm"] = lm_loss(
+                    self.decoder,
+                    lm_ids,
+                    lm_mask,
+                    self.image_to_text(img_tokens),
+                    prefix_lengths=lm_prefix,
+                    label_smoothing=self.config.lm_label_smoothing if self.training else 0.0,
+                )
+            else:
+                out["lm"] = self.lm_loss(
+                    img_tokens, input_ids, attention_mask, mlm_eligible, dec_id
+                )
             loss = loss + w_mlm * out["lm"]
         return {
             "loss": loss,
@@ -433,16 +453,24 @@ class KnowLIP(nn.Module):
         txt_feat: torch.Tensor,
         bank_img: torch.Tensor,
         bank_txt: torch.Tensor,
+        exclude: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-pair symmetric InfoNCE of (image i, text i) against banks of other features.
 
         L_ITC(v_i, t_i) in the paper's eq. 10/14: the pair's own similarity contrasted with
         the bank (e.g. the other texts and images of a batch, or the model's queue).
+        ``exclude`` (bool, pairs x bank) keeps bank entries out of row i's negatives: the
+        pair's own queued features, or texts of its group, which are not negatives.
         """
         temp = self.temperature()
         pos = (img_feat * txt_feat).sum(-1, keepdim=True) / temp
-        i2t = torch.cat([pos, img_feat @ bank_txt.T / temp], dim=1)
-        t2i = torch.cat([pos, txt_feat @ bank_img.T / temp], dim=1)
+        neg_t = img_feat @ bank_txt.T / temp
+        neg_i = txt_feat @ bank_img.T / temp
+        if exclude is not None:
+            neg_t = neg_t.masked_fill(exclude, float("-inf"))
+            neg_i = neg_i.masked_fill(exclude, float("-inf"))
+        i2t = torch.cat([pos, neg_t], dim=1)
+        t2i = torch.cat([pos, neg_i], dim=1)
         return -(F.log_softmax(i2t, dim=1)[:, 0] + F.log_softmax(t2i, dim=1)[:, 0]) / 2
 
     @torch.no_grad()

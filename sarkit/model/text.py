@@ -109,7 +109,10 @@ class TextCodec:
         ``drop[i]`` lists segment indices (0-based, field order) removed from sample i;
         ``mask[i]`` lists segments replaced by [MASK] tokens (as many as the segment had,
         or ``mask_lengths[i][j]``) so the MLM decoder can rewrite them. A dropped segment
-        leaves no token; a masked one keeps its segment id.
+        leaves no token; a masked one keeps its segment id. Truncation is decided on the text
+        before anything is dropped, so dropping a segment never changes how the others are
+        trimmed (SCIO compares a text with and without one segment: re-trimming would
+        confound that comparison for long texts).
         """
         rows: list[tuple[list[int], list[int]]] = []
         for i, texts in enumerate(batch):
@@ -119,14 +122,15 @@ class TextCodec:
             lengths = mask_lengths[i] if mask_lengths else {}
             pieces, seg_index = [], []
             for j, seg in enumerate(segs):
-                if j in dropped:
-                    continue
                 ids = self._tokens(seg)
                 if j in masked:
                     ids = [self.mask_id] * max(1, int(lengths.get(j, len(ids))))
                 pieces.append(ids)
                 seg_index.append(j)
             pieces = self._fit(pieces) if pieces else pieces
+            kept = [k for k, j in enumerate(seg_index) if j not in dropped]
+            pieces = [pieces[k] for k in kept]
+            seg_index = [seg_index[k] for k in kept]
             ids, sids = [self.cls_id], [0]
             for j, piece in zip(seg_index, pieces, strict=True):
                 ids += piece + [self.sep_id]
