@@ -3,6 +3,7 @@ and the shared loop on a plain model (gradient accumulation, resume)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -329,3 +330,42 @@ def test_streaming_weights_file_reads_back_with_safetensors(tmp_path):
 def test_numeric_options_are_checked_at_parse_time(option, tmp_path, cli):
     proc = cli("pretrain", tmp_path / "none.jsonl", "-o", tmp_path / "run", *option, check=2)
     assert option[0] in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- held-out evaluation
+
+
+def test_recall_at_k_matches_brute_force():
+    from sarkit.train.heldout import recall_at_k
+
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.randn(30, 40, generator=gen)
+    queries = torch.randint(0, 6, (30,), generator=gen)
+    items = torch.randint(0, 6, (40,), generator=gen)
+    got = recall_at_k(sim, queries, items, (1, 5, 10))
+    for k in (1, 5, 10):
+        hits = 0
+        for q in range(30):
+            order = sorted(range(40), key=lambda j: -float(sim[q, j]))
+            hits += any(int(items[j]) == int(queries[q]) for j in order[:k])
+        assert got[k] == pytest.approx(hits / 30)
+
+
+def test_held_out_retrieval_is_logged_each_epoch_and_at_the_end(mstar20, tmp_path, cli):
+    train = write_jsonl(tmp_path / "r.jsonl", mstar20[:8])
+    held = [dict(r) for r in mstar_records(shared("mstar"), "val", 1)]
+    held[0]["path"] = str(tmp_path / "missing.jpeg")
+    val = write_jsonl(tmp_path / "val.jsonl", held)
+    # 8 records / batch 4: an epoch ends at step 2; --max-steps 3 stops mid-epoch 2
+    proc = cli("pretrain", train, "-o", tmp_path / "run", *TINY, "--epochs", "2", "--val", val,
+               "--max-steps", "3", "--save-every", "0", check=0)  # fmt: skip
+    assert "missing.jpeg" in proc.stderr  # named, and left out of the held-out set
+    with open(tmp_path / "run" / "eval.csv") as f:
+        evals = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in evals] == [2, 3]  # each epoch, and the final model
+    for row in evals:
+        r = [float(row[f"val_i2t_r{k}"]) for k in (1, 5, 10)]
+        assert 0.0 <= r[0] <= r[1] <= r[2] == 1.0  # 9 held-out records: all in the top 10
+    proc = cli("pretrain", train, "-o", tmp_path / "x", *TINY, "--val", tmp_path / "no.jsonl",
+               check=1)  # fmt: skip
+    assert "--val" in proc.stderr and "no.jsonl" in proc.stderr

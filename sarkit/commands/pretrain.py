@@ -32,6 +32,15 @@ def command(
         ..., help="Captioned records (JSON Lines with 'path', 'texts')."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder."),
+    val: Path = typer.Option(
+        None,
+        "--val",
+        help="Held-out records (JSON Lines, as the training ones): retrieval R@1/5/10 both "
+        "ways at each evaluation pass, in eval.csv.",
+    ),
+    eval_every: int = typer.Option(
+        0, "--eval-every", min=0, help="Evaluate every N steps (0: each epoch, and at the end)."
+    ),
     vision: str = typer.Option(
         "vit_base_patch16_224", "--vision", help="timm ViT name, or tiny/small/base/large."
     ),
@@ -128,9 +137,13 @@ def command(
     if pool not in ("mean", "cls"):
         raise UsageError(f"--pool {pool}: use mean or cls")
     check_output_folder(output)
+    if val is not None and not val.is_file():
+        raise SarkitError(f"--val {val}: no such file")
     options = PretrainOptions(
         output=output,
         records_path=str(records),
+        val_path=str(val) if val else None,
+        eval_every=eval_every,
         vision=vision,
         vision_weights=vision_weights,
         init=init,

@@ -104,6 +104,7 @@ class Loop:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this epoch already trained
+        self.evaluated = -1  # the step of the last evaluation pass
         self.columns: list[str] | None = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -308,6 +309,8 @@ class Loop:
                             self._evaluate(evals, tb)
                         continue
                     break
+            if self.evaluated != self.step:
+                self._evaluate(evals, tb)  # the final model is always scored
             if last_saved != self.step:
                 self.save_checkpoint()
             self.export()
@@ -339,6 +342,7 @@ class Loop:
         advance(self.options.log_every if self.step % self.options.log_every == 0 else 1, status)
 
     def _evaluate(self, rows: CsvLog, tb) -> None:
+        self.evaluated = self.step
         module = self.engine.module
         was_training = module.training
         module.eval()

@@ -50,6 +50,7 @@ class PretrainOptions(LoopOptions):
     """The loop's options plus the model's; a plugin reads the fields it knows."""
 
     records_path: str | None = None
+    val_path: str | None = None  # held-out records: retrieval R@K every eval pass
     # model
     vision: str = "vit_base_patch16_224"
     vision_weights: str | None = None

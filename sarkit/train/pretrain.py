@@ -136,6 +136,7 @@ class KnowLIPTask(ModuleTask):
 
         self.dec_id = dec_token_id(tok)
         self.rampup = 0
+        self.heldout = None  # sarkit.train.heldout.HeldOut with --val
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         from sarkit.train.engine import param_groups
@@ -170,6 +171,9 @@ class KnowLIPTask(ModuleTask):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.momentum.load_state_dict(state, strict=True)
+
+    def evaluate(self, module: Any) -> dict[str, float]:
+        return self.heldout.evaluate(module) if self.heldout is not None else {}
 
     def export(self, out: Path, module: Any, specs: dict, tensors: Any) -> None:
         export_run(out, module, specs, tensors, self.momentum, self.codec.tokenizer)
@@ -304,7 +308,24 @@ def build(records: list[dict], options: PretrainOptions):
         config.image_std,
         config.center_crop,
     )
+    if options.val_path:
+        task.heldout = heldout(options, config, codec)
     return task, dataset, ImageTextCollate(dataset.records, codec)
+
+
+def heldout(options: PretrainOptions, config: Any, codec: Any):
+    """The --val records, read and decoded once (a bad one is skipped and counted, as in
+    training); fed to the model as the evaluation pass sees them: no augmentation."""
+    from sarkit.records import load_all
+    from sarkit.train.data import TileDataset
+    from sarkit.train.heldout import HeldOut
+
+    path = options.val_path
+    records = usable_records(load_all(path, required=("id", "path")), path, options.strict)
+    dataset = TileDataset(records, config.image_size, Path(path).parent, None, options.seed,
+                          config.image_mean, config.image_std, config.center_crop)  # fmt: skip
+    log.info(f"held out: {len(records)} records from {path}")
+    return HeldOut(dataset, codec, options.batch_size)
 
 
 def pretrain(records: list[dict], options: PretrainOptions) -> Path:
