@@ -27,8 +27,19 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-#: Subcommand modules (sarkit.commands.<name>); each defines `command` and optional `NAME`.
-COMMANDS = ("plugins", "demo", "slice", "georef", "filter", "caption", "pretrain")
+#: Subcommand modules (sarkit.commands.<name>); each defines `command` and optional `NAME`
+#: and `SETTINGS` (keyword arguments of ``app.command``).
+COMMANDS = (
+    "plugins",
+    "demo",
+    "slice",
+    "georef",
+    "filter",
+    "caption",
+    "pretrain",
+    "finetune",
+    "eval",
+)
 
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--debug": "debug"}
 
@@ -53,7 +64,8 @@ def _root(
 def _register() -> None:
     for name in COMMANDS:
         module = importlib.import_module(f"sarkit.commands.{name}")
-        app.command(name=getattr(module, "NAME", name))(module.command)
+        settings = getattr(module, "SETTINGS", {})
+        app.command(name=getattr(module, "NAME", name), **settings)(module.command)
 
 
 def _split_global_flags(argv: list[str]) -> tuple[list[str], dict[str, bool]]:

@@ -18,13 +18,84 @@ plugin reads the fields it needs and ignores the rest.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 
 hookspec = pluggy.HookspecMarker("sarkit")
+
+# --------------------------------------------------------------------------------------
+# Types the registries return (protocols: any object with these attributes works).
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadOption:
+    """One option a head or builder adds to its command line (``--head``, ``--palette``).
+
+    ``flag`` is the long option; its value lands in ``options.extra[dest]`` (``dest``: the
+    flag without dashes, ``-`` -> ``_``). ``type`` is str, int, float, bool (a switch) or a
+    parser like ``sarkit.ranges.number_in(...)`` (checked at parse time, exit 2);
+    ``choices`` limits a str; ``modes`` says which commands offer it: "finetune", "eval",
+    "build".
+    """
+
+    flag: str
+    help: str
+    default: Any = None
+    type: Any = str
+    choices: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ("finetune",)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@runtime_checkable
+class TaskHead(Protocol):
+    """A downstream task: ``sarkit finetune NAME`` trains it, ``sarkit eval NAME`` measures it.
+
+    ``defaults`` are the task's settings of the common options (the paper's Table 3:
+    ``lr``, ``schedule``, ``warmup_steps``, ``epochs``, ``batch_size``, ``image_size``,
+    ``weight_decay`` ...) where the user gives none; ``primary`` is the metric that picks
+    the best epoch and leads ``eval --compare``. Options objects are
+    ``sarkit.tasks.options.FinetuneOptions`` / ``EvalOptions`` (head options in ``extra``).
+    """
+
+    name: str
+    summary: str
+    primary: str
+    defaults: Mapping[str, Any]
+    options: Sequence[HeadOption]
+
+    def prepare(self, options: Any) -> Any:
+        """Read the data, fix the split, build the model: a ``sarkit.tasks.Prepared``
+        (the loop's task, dataset and collate, the split, and the head's config for the run's
+        config.json). The loop's task ``evaluate``s the held-out split every epoch."""
+
+    def evaluate(self, run: Path, options: Any) -> Any:
+        """Reload a fine-tuned run folder and measure it on ``options.data``: a
+        ``sarkit.tasks.EvalResult`` (flat ``metrics``, per-item ``details`` for figures)."""
+
+    def figures(self, result: Any, folder: Path) -> list[Path]:
+        """Draw the result's figures (confusion matrix, PR curve, overlays) into `folder`."""
+
+
+@runtime_checkable
+class DataBuilder(Protocol):
+    """Makes a fine-tuning dataset file from raw annotations (``sarkit finetune build``)."""
+
+    name: str
+    trigger: str  # the flag that selects this builder, e.g. "--boxes-from-masks"
+    options: Sequence[HeadOption]  # modes=("build",); the trigger is one of them
+
+    def build(self, options: Mapping[str, Any], output: Path) -> str:
+        """Write `output` (atomically); return a one-line summary for stderr."""
+
 
 # --------------------------------------------------------------------------------------
 # Registries: what users swap by installing a plugin.
@@ -79,12 +150,25 @@ def sarkit_llm_backends() -> list[Any]:
 
 
 @hookspec
-def sarkit_task_heads() -> list[Any]:
+def sarkit_task_heads() -> list[TaskHead]:
     """Contribute downstream task heads (classify, detect, segment, retrieve, caption, vqa).
 
-    Called once when ``sarkit finetune TASK`` or ``sarkit eval TASK`` resolves its task.
-    Each head names its task, builds its data and model, and computes its metrics.
-    Collected from all plugins; same task name replaces.
+    Called when ``sarkit finetune TASK`` or ``sarkit eval TASK`` resolves its task (and for
+    their ``--help``). Return :class:`TaskHead` objects: each names its task, adds its own
+    options, builds its data and the loop's task, and computes and draws its metrics.
+    Collected from all plugins (``sarkit.tasks.registry``); a later plugin's head with the
+    same name replaces the earlier one (a third-party ``classify`` replaces the built-in).
+    """
+
+
+@hookspec
+def sarkit_data_builders() -> list[DataBuilder]:
+    """Contribute dataset builders for ``sarkit finetune build`` (:class:`DataBuilder`).
+
+    Called when ``finetune build`` parses its line. Each builder adds options; the one
+    whose ``trigger`` option is given runs (exactly one per call). Built-in:
+    ``--boxes-from-masks MASKDIR`` (COCO JSON from ship masks). Collected; same name
+    replaces.
     """
 
 

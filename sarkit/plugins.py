@@ -33,6 +33,7 @@ BUILTINS = (
     "sarkit.train.plugin",
     "sarkit.quality.plugin",
     "sarkit.caption.plugin",
+    "sarkit.tasks.plugin",
 )
 
 

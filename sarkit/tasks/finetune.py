@@ -1,0 +1,204 @@
+"""The generic fine-tune run and evaluation: any head, through the shared loop.
+
+A head builds its data and model (``prepare``); this module writes config.json and
+split.json, trains through ``sarkit.train.loop.Loop`` (so DeepSpeed, precision, gradient
+accumulation and ``--resume latest`` work the same for every head), keeps the best and last
+weights, and summarises the per-epoch metrics into results.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sarkit import log
+from sarkit.atomic import atomic_path, write_text
+from sarkit.errors import SarkitError
+from sarkit.tasks import runfolder
+from sarkit.tasks.options import EvalOptions, FinetuneOptions
+from sarkit.train.task import ModuleTask, write_weights
+
+
+def layer_decay_groups(
+    model: nn.Module, weight_decay: float, decay: float, prefix: str = "backbone."
+) -> list[dict]:
+    """AdamW groups with layer-wise lr decay (BEiT/MAE fine-tuning): the head learns at the
+    full rate, ViT block i of L at ``decay ** (L - i)``, the embeddings at ``decay ** (L+1)``.
+
+    No weight decay on biases, norms, position embeddings and class tokens.
+    """
+    blocks = getattr(getattr(model, prefix.rstrip("."), None), "blocks", None)
+    depth = len(blocks) if blocks is not None else 0
+    groups: dict[tuple[bool, int], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(prefix):
+            rest = name.removeprefix(prefix)
+            if rest.startswith("blocks."):
+                layer = int(rest.split(".")[1]) + 1
+            elif rest.startswith(("norm.", "fc_norm.", "head")):
+                layer = depth + 1
+            else:  # patch_embed, cls_token, pos_embed, reg_token
+                layer = 0
+        else:
+            layer = depth + 1
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        groups.setdefault((skip, layer), []).append(p)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if skip else weight_decay,
+            "lr_scale": decay ** (depth + 1 - layer),
+        }
+        for (skip, layer), params in sorted(groups.items())
+    ]
+
+
+def _gathered(module: nn.Module):
+    """All of a ZeRO-3 module's parameters gathered (a no-op elsewhere)."""
+    import contextlib
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    """fp32 weights of `module` as safetensors, atomically (rank 0 writes)."""
+    import torch.distributed as dist
+
+    from sarkit.model.weights import save_weights
+    from sarkit.train.engine import barrier
+
+    with _gathered(module):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with atomic_path(path) as tmp:
+                save_weights(module, tmp)
+    barrier()
+
+
+class HeadTask(ModuleTask):
+    """A head's model on the loop: measures the held-out split after every epoch (eval.csv)
+    and keeps the weights of the best epoch by the head's primary metric."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        primary: str,
+        measure: Callable[[nn.Module], dict[str, float]] | None,
+        out: Path,
+        groups: Callable[[float], list[dict]] | None = None,
+    ):
+        super().__init__(model)
+        self.name = name
+        self.primary = primary
+        self.measure = measure
+        self.out = Path(out)
+        self.groups = groups
+        self.best = float("-inf")
+        best_json = self.out / "best.json"
+        if best_json.exists():  # a resumed run keeps its best so far
+            try:
+                self.best = float(json.loads(best_json.read_text())[primary])
+            except (ValueError, KeyError, TypeError):
+                pass
+        self.evaluations = 0
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        if self.groups is not None:
+            return self.groups(weight_decay)
+        return super().param_groups(weight_decay)
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        if self.measure is None:
+            return {}
+        values = self.measure(module)
+        self.evaluations += 1
+        score = values.get(self.primary)
+        if score is not None and score > self.best:
+            self.best = score
+            save_module(module, self.out / "best.safetensors")
+            write_text(
+                self.out / "best.json",
+                json.dumps({self.primary: score, "evaluation": self.evaluations}) + "\n",
+            )
+        return values
+
+    def export(self, out: Path, module: nn.Module, specs: dict, tensors: Any) -> None:
+        write_weights(out / "last.safetensors", specs, tensors)
+        if not (out / "best.safetensors").exists():  # no evaluation ran: last is all there is
+            import shutil
+
+            shutil.copyfile(out / "last.safetensors", out / "best.safetensors")
+
+
+def check_resume(out: Path, task: str) -> None:
+    config = out / "config.json"
+    if config.exists():
+        found = runfolder.read_json(config, "run config").get("task")
+        if found != task:
+            raise SarkitError(f"-o {out}: a '{found}' run; resume it with `finetune {found}`")
+
+
+def run(head: Any, options: FinetuneOptions) -> Path:
+    """Prepare, train, summarise; returns the run folder."""
+    from sarkit.train.engine import teardown_distributed
+    from sarkit.train.loop import Loop
+
+    out = Path(options.output)
+    if options.resume:
+        check_resume(out, head.name)
+    try:
+        prepared = head.prepare(options)
+        loop = Loop(prepared.task, prepared.dataset, prepared.collate, options)
+        if loop.main:
+            runfolder.write_config(out, head.name, options, prepared.config)
+            runfolder.write_split(out, prepared.split)
+        loop.fit()
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed()
+    results = runfolder.write_results(out, head.primary)
+    if results:
+        settled = results["settled"].get(head.primary)
+        log.info(
+            f"{head.name}: {head.primary} last {results['last'].get(head.primary, 0):.4f}, "
+            f"settled {settled:.4f} (mean of the last {results['settled_over']} epochs)"
+        )
+    return out
+
+
+def evaluate(head: Any, options: EvalOptions) -> dict:
+    """Measure a run with its head; write metrics JSON and figures; return the metrics."""
+    config = runfolder.read_config(options.run)
+    if config["task"] != head.name:
+        raise SarkitError(
+            f"{options.run}: a '{config['task']}' run, not '{head.name}' "
+            f"(use `sarkit eval {config['task']}`)"
+        )
+    result = head.evaluate(Path(options.run), options)
+    folder = Path(options.figures) if options.figures else Path(options.run) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = head.figures(result, folder)
+    record = {
+        "task": head.name,
+        "run": str(options.run),
+        "data": options.data,
+        "weights": options.weights,
+        "metrics": result.metrics,
+        "figures": [str(p) for p in drawn],
+    }
+    write_text(folder / f"{head.name}.json", json.dumps(record, indent=2) + "\n")
+    return record

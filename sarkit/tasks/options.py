@@ -1,0 +1,41 @@
+"""Options of `sarkit finetune TASK` and `sarkit eval TASK` (no heavy imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sarkit.train.options import LoopOptions
+
+
+@dataclass
+class FinetuneOptions(LoopOptions):
+    """The loop's options, the backbone's, the data's; a head's own are in ``extra``."""
+
+    task: str = ""
+    data: str | None = None
+    val_data: str | None = None
+    init: str = "random"  # RUN folder | timm:NAME | random | weights FILE
+    vision: str = "vit_tiny_patch16_224"
+    image_size: int = 64
+    drop_path: float = 0.1
+    val_fraction: float = 0.2  # the seeded split when the data gives none (4:1)
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    name: str = "finetune"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalOptions:
+    """What `sarkit eval TASK RUN` needs; a head's own options are in ``extra``."""
+
+    run: Path
+    data: str | None = None
+    weights: str = "last"  # last | best
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
+    figures: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
