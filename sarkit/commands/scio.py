@@ -1,0 +1,165 @@
+"""`sarkit scio`: self-consistent iterative optimisation of the captions' segments."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+from sarkit import log, plugins
+from sarkit.commands.pretrain import check_output_folder
+from sarkit.errors import SarkitError, UsageError
+from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
+
+
+def command(
+    records: Path = typer.Argument(
+        ..., help="Captioned records (JSON Lines with 'path', 'texts')."
+    ),
+    output: str = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Run folder (refined.jsonl inside); '-': refined records "
+        "to stdout, the run folder in --run-dir.",
+    ),
+    run_dir: Path = typer.Option(None, "--run-dir", help="The run folder when -o is '-'."),
+    init: str = typer.Option(None, "--init", help="Start from a trained run or checkpoint folder."),
+    epochs_per_stage: int = typer.Option(
+        None,
+        "--epochs-per-stage",
+        min=1,
+        help="Epochs of each training stage (default 12); with --init, also trains stage 1.",
+    ),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Cap on each stage's steps."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Screen-filter-reconstruct rounds."),
+    itc_margin: float = typer.Option(
+        0.0, "--itc-margin", parser=NON_NEGATIVE, help="Noise needs dITC < -margin."
+    ),
+    itm_margin: float = typer.Option(
+        0.0, "--itm-margin", parser=number_in(0, 1), help="Noise needs dITM > margin."
+    ),
+    field_cap: float = typer.Option(
+        0.3,
+        "--field-cap",
+        parser=FRACTION,
+        help="At most this share of a field's segments flagged per round.",
+    ),
+    screen_batch: int = typer.Option(
+        16, "--screen-batch", min=1, help="Images per screening batch."
+    ),
+    max_new_tokens: int = typer.Option(
+        40, "--max-new-tokens", min=1, help="Length limit of a rewritten segment."
+    ),
+    screen_only: bool = typer.Option(
+        False, "--screen-only", help="Stop after the first screening: screened records to stdout."
+    ),
+    ablation: bool = typer.Option(
+        False,
+        "--ablation",
+        help="Table 8 rows (no SCIO / screen+filter / +reconstruct) on --heldout.",
+    ),
+    heldout: Path = typer.Option(None, "--heldout", help="Clean held-out records for --ablation."),
+    vision: str = typer.Option("vit_base_patch16_224", "--vision", help="From scratch: timm ViT."),
+    text: str = typer.Option(None, "--text", help="From scratch: BERT name or folder."),
+    text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
+    image_size: int = typer.Option(224, "--image-size", min=16),
+    center_crop: float = typer.Option(1.0, "--center-crop", parser=number_in(0, 1, lo_open=True)),
+    embed_dim: int = typer.Option(256, "--embed-dim", min=1),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=3),
+    queue_size: int = typer.Option(20000, "--queue-size", min=0),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    lr: float = typer.Option(3e-4, "--lr", parser=POSITIVE),
+    warmup_steps: int = typer.Option(3000, "--warmup-steps", min=0),
+    text_lr_scale: float = typer.Option(1.0, "--text-lr-scale", parser=NON_NEGATIVE),
+    momentum: float = typer.Option(0.995, "--momentum", parser=FRACTION),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
+    deepspeed: str = typer.Option(None, "--deepspeed", help="A DeepSpeed preset or JSON file."),
+    workers: int = typer.Option(2, "--workers", min=0),
+    no_augment: bool = typer.Option(False, "--no-augment"),
+    save_every: int = typer.Option(1000, "--save-every", min=0),
+    log_every: int = typer.Option(10, "--log-every", min=1),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Screen, filter and rewrite noisy caption segments with the model itself (SCIO)."""
+    from sarkit.records import load_all
+    from sarkit.scio.options import ScioOptions
+
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
+    to_stdout = output == "-"
+    if to_stdout and run_dir is None:
+        raise UsageError("-o -: give the run folder with --run-dir")
+    if not to_stdout and run_dir is not None:
+        raise UsageError("--run-dir goes with -o - only (-o names the run folder)")
+    folder = run_dir if to_stdout else Path(output)
+    if ablation and (heldout is None or rounds != 1):
+        raise UsageError("--ablation needs --heldout CLEAN.jsonl and one round (--rounds 1)")
+    if heldout is not None and not ablation:
+        raise UsageError("--heldout goes with --ablation")
+    if screen_only and ablation:
+        raise UsageError("--screen-only and --ablation exclude each other")
+    check_output_folder(folder)
+    options = ScioOptions(
+        output=folder,
+        records_path=str(records),
+        init=init,
+        epochs=epochs_per_stage or 12,
+        epochs_per_stage_given=epochs_per_stage is not None,
+        max_steps=max_steps,
+        rounds=rounds,
+        itc_margin=itc_margin,
+        itm_margin=itm_margin,
+        field_cap=field_cap,
+        screen_batch=screen_batch,
+        max_new_tokens=max_new_tokens,
+        screen_only=screen_only,
+        ablation=ablation,
+        heldout_path=str(heldout) if heldout else None,
+        vision=vision,
+        text=text,
+        text_layers=text_layers,
+        image_size=image_size,
+        center_crop=center_crop,
+        embed_dim=embed_dim,
+        max_tokens=max_tokens,
+        queue_size=queue_size,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        text_lr_scale=text_lr_scale,
+        momentum=momentum,
+        precision=precision,
+        deepspeed=deepspeed,
+        workers=workers,
+        augment=not no_augment,
+        save_every=save_every,
+        log_every=log_every,
+        seed=seed,
+    )
+    if deepspeed:
+        from sarkit.train.engine import DS_PRESETS, import_deepspeed
+
+        if deepspeed not in DS_PRESETS and not Path(deepspeed).is_file():
+            known = ", ".join(DS_PRESETS)
+            raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
+        import_deepspeed()
+    data = load_all(records, required=("id", "path"))
+    if heldout is not None and not heldout.is_file():
+        raise SarkitError(f"--heldout {heldout}: no such file")
+    with contextlib.redirect_stdout(sys.stderr):
+        run = plugins.get_manager().hook.sarkit_scio(records=data, options=options)
+    if run is None:
+        raise UsageError("no plugin implements scio")
+    result = Path(run) / ("screened.jsonl" if screen_only else "refined.jsonl")
+    if screen_only or to_stdout:
+        if result.exists():  # absent on ranks other than 0 under torchrun
+            with open(result, encoding="utf-8") as fh:
+                shutil.copyfileobj(fh, sys.stdout)
+            sys.stdout.flush()
+    log.info(f"scio: {len(data)} records -> {result}")

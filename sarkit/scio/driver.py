@@ -1,0 +1,322 @@
+"""The SCIO stage driver (Algorithm 1), resumable by finished stage.
+
+Stages, in a run folder ``-o DIR``::
+
+    stages/01-train           representation learning (ITC + ITM + MLM/LM), skipped with
+                              --init unless --epochs-per-stage asks for it
+    stages/02-screen-r1       screening: dITC/dITM per segment, the noise pool
+    stages/03-train-r1        training with the noise pool kept out of MLM/LM targets
+    stages/04-rewrite-r1      reconstruction: rewritten or removed
+    stages/05-train-r1b       training on the refined texts (the feedback loop)
+    ... screen/train/rewrite/train again for each further --rounds
+
+A training stage is done when its folder holds DONE (the loop checkpoints inside it, so a
+rerun continues a half-trained stage too); a screening or rewriting stage when its
+records.jsonl exists (written atomically). A screening stage keeps a journal of finished
+batches: killed during screening, the rerun scores only what is left and the result is the
+same. The refined records go to refined.jsonl (or stdout), with report.md, the dITC
+histogram and, in model/, the last stage's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+from sarkit import log
+from sarkit.atomic import write_text
+from sarkit.errors import SarkitError
+from sarkit.scio.options import ScioOptions
+from sarkit.scio.records import Skipped, problem
+
+
+def plan(options: ScioOptions) -> list[tuple[str, str, int]]:
+    """(folder name, kind, round) of every stage."""
+    kinds: list[tuple[str, int]] = []
+    if not options.init or options.epochs_per_stage_given:
+        kinds.append(("train", 0))
+    for r in range(1, options.rounds + 1):
+        kinds += [("screen", r), ("train", r), ("rewrite", r), ("train", -r)]
+    names = []
+    for n, (kind, r) in enumerate(kinds, start=1):
+        suffix = "" if r == 0 else (f"-r{r}" if r > 0 else f"-r{-r}b")
+        names.append((f"{n:02d}-{kind}{suffix}", kind, abs(r)))
+    return names
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    from sarkit.records import dumps
+
+    write_text(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class Judge:
+    """A stage's model, bank and image reader for screening and rewriting."""
+
+    def __init__(self, run: str, records: list[dict], pool: list[int], options: ScioOptions):
+        import torch
+        from safetensors.torch import load_file
+
+        from sarkit.model.decoder import dec_token_id
+        from sarkit.model.knowlip import KnowLIP, Momentum, run_config
+        from sarkit.model.text import TextCodec
+        from sarkit.model.weights import load_weights
+        from sarkit.scio.screen import Scorer, queue_bank, records_bank
+        from sarkit.train.data import ImageTextCollate, TileDataset, to_tensor
+        from sarkit.train.pretrain import resolve_init
+
+        config_path, weights, momentum_path = resolve_init(run)
+        config = run_config(config_path.parent)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = KnowLIP(config, pretrained_text=False)
+        load_weights(model, weights)
+        self.model = model.to(self.device).eval()
+        self.codec = TextCodec.from_pretrained(config.text, config.fields, config.max_tokens)
+        self.dec_id = dec_token_id(self.codec.tokenizer)
+        self.pool = [records[i] for i in pool]
+        base = Path(options.records_path).parent if options.records_path else None
+        self.dataset = TileDataset(
+            self.pool, config.image_size, base, None, options.seed,
+            config.image_mean, config.image_std, config.center_crop,
+        )  # fmt: skip
+        collate = ImageTextCollate(self.pool, self.codec)
+        self.groups = [collate.group(i) for i in range(len(self.pool))]
+        self._to_tensor = to_tensor
+        momentum = Momentum(model, config.queue_size, config.momentum)
+        bank = None
+        if momentum_path is not None:
+            momentum.load_state_dict(load_file(str(momentum_path)), strict=True)
+            bank = queue_bank(momentum)
+        if bank is None:
+            log.warn(f"{run}: no momentum queue; the negative bank is made from the records")
+            if momentum_path is None:
+                momentum.copy_from(model)
+            momentum.to(self.device)
+            ok = []
+            for i in range(len(self.pool)):
+                try:
+                    ok.append((self.image(i), i))
+                except SarkitError:
+                    continue
+            images = torch.stack([t for t, _ in ok]).to(self.device)
+            bank = records_bank(
+                model, momentum, self.codec, images,
+                [self.pool[i]["texts"] for _, i in ok], [self.groups[i] for _, i in ok],
+            )  # fmt: skip
+        self.scorer = Scorer(self.model, self.codec, bank, self.device)
+
+    def image(self, i: int):
+        ds = self.dataset
+        arr = ds.read(i)
+        if ds.center_crop < 1.0:
+            h, w = arr.shape
+            ch, cw = max(1, round(h * ds.center_crop)), max(1, round(w * ds.center_crop))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[top : top + ch, left : left + cw]
+        return self._to_tensor(arr, ds.image_size, None, None, ds.mean, ds.std)
+
+
+def layout(records: list[dict], options: ScioOptions) -> tuple[str, ...]:
+    if options.init:
+        from sarkit.model.knowlip import run_config
+        from sarkit.train.pretrain import resolve_init
+
+        return tuple(run_config(resolve_init(options.init)[0].parent).fields)
+    from sarkit.train.pretrain import choose_fields, usable_records
+
+    return choose_fields(usable_records(records, options.records_path or "records"), options.fields)
+
+
+def screen_stage(current, pool, run, options, folder, rnd):
+    from sarkit.scio.screen import decide, run_screening
+
+    judge = Judge(run, current, pool, options)
+    scores, bad = run_screening(
+        judge.scorer, judge.image, judge.pool, judge.groups, judge.codec,
+        options.screen_batch, folder / "journal.jsonl",
+    )  # fmt: skip
+    flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap)
+    out = [copy.deepcopy(r) for r in current]
+    for k, i in enumerate(pool):
+        rec = out[i]
+        if k in bad:
+            rec.pop("mlm_exclude", None)
+            continue
+        entry = rec.setdefault("scio", {})
+        noisy = flagged.get(k, set())
+        for name, (ditc, ditm) in scores.get(k, {}).items():
+            seg = entry.get(name, {})
+            seg.update(ditc=ditc, ditm=ditm, round=rnd)
+            if name in noisy:
+                seg["decision"] = "noise"
+            else:
+                seg.setdefault("decision", "kept")
+            entry[name] = seg
+        rec["mlm_exclude"] = sorted(noisy, key=judge.codec.fields.index)
+    return out, bad
+
+
+def rewrite_stage(current, pool, run, options):
+    from sarkit.scio.reconstruct import rewrite
+
+    judge = Judge(run, current, pool, options)
+    flagged = {}
+    for k, i in enumerate(pool):
+        names = set(current[i].get("mlm_exclude") or ())
+        if names:
+            flagged[k] = names
+    result = rewrite(
+        judge.model, judge.scorer, judge.codec, judge.pool, judge.groups, flagged,
+        judge.image, judge.dec_id, options.max_new_tokens, options.screen_batch,
+    )  # fmt: skip
+    out = [copy.deepcopy(r) for r in current]
+    for k, i in enumerate(pool):
+        rec = out[i]
+        rec.pop("mlm_exclude", None)
+        for name, new in result.get(k, {}).items():
+            seg = rec["scio"][name]
+            seg["rewrite"] = {key: new[key] for key in ("text", "ditc", "ditm")}
+            if new["accepted"]:
+                seg["decision"] = "rewritten"
+                rec["texts"][name] = new["text"]
+            else:
+                seg["decision"] = "removed"
+                rec["texts"].pop(name, None)
+    return out
+
+
+def run_scio(records: list[dict], options: ScioOptions) -> Path:
+    """Run every stage not yet done; return the run folder."""
+    from sarkit.scio import report
+    from sarkit.scio.stagetrain import train_stage
+
+    out = Path(options.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = layout(records, options)
+    skipped = Skipped()
+    current = []
+    for rec in records:
+        rec = copy.deepcopy(rec)
+        if isinstance(rec.get("texts"), dict):
+            rec.setdefault("texts_original", copy.deepcopy(rec["texts"]))
+        current.append(rec)
+    pool = []
+    for i, rec in enumerate(records):
+        why = problem(rec, fields)
+        if why is None:
+            pool.append(i)
+        else:
+            skipped.add(rec, why)
+    if len(pool) < 2:
+        raise SarkitError(
+            f"{options.records_path}: {len(pool)} record(s) SCIO can judge "
+            f"({skipped.summary() or 'none given'}); it needs at least 2"
+        )
+    model_run = options.init
+    last_bad: dict[int, str] = {}
+    stages = plan(options)
+    for name, kind, rnd in stages:
+        folder = out / "stages" / name
+        if kind == "train":
+            if not (folder / "DONE").exists():
+                log.info(f"scio: stage {name}")
+                train_stage([current[i] for i in pool], options, model_run, folder)
+                write_text(folder / "DONE", "done\n")
+            model_run = str(folder)
+            continue
+        done = folder / "records.jsonl"
+        if _rank() != 0:  # screening and rewriting run on rank 0 (see scio())
+            _wait_for(done)
+        if done.exists():
+            current = read_records(done)
+            if kind == "screen":
+                last_bad = {
+                    int(k): v for k, v in json.loads((folder / "bad.json").read_text()).items()
+                }
+        else:
+            log.info(f"scio: stage {name}")
+            if kind == "screen":
+                current, last_bad = screen_stage(current, pool, model_run, options, folder, rnd)
+                write_text(
+                    folder / "bad.json", json.dumps({str(k): v for k, v in last_bad.items()})
+                )
+            else:
+                current = rewrite_stage(current, pool, model_run, options)
+            write_records(done, current)
+        if kind == "screen" and options.screen_only:
+            break
+    if _rank() != 0:
+        return out
+    for k in sorted(last_bad):
+        skipped.add(records[pool[k]], "tile", f" ({last_bad[k]})")
+    if options.screen_only:
+        write_records(out / "screened.jsonl", current)
+    else:
+        final = out / "model"
+        if model_run and not (final / "model.safetensors").exists():
+            _copy_model(Path(model_run), final)
+        write_records(out / "refined.jsonl", current)
+    report.write(out, current, fields, skipped, options)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_model(run: Path, final: Path) -> None:
+    """The last stage's exported model (model.json, weights, momentum, export/) as model/
+    (hard links where the file system has them: no second copy of the weights)."""
+    tmp = final.parent / ".model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.json", "model.safetensors", "momentum.safetensors"):
+        if (run / name).exists():
+            _link_or_copy(str(run / name), str(tmp / name))
+    if (run / "export").exists():
+        shutil.copytree(run / "export", tmp / "export", copy_function=_link_or_copy)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for(path: Path) -> None:
+    import time
+
+    while not path.exists():
+        time.sleep(1.0)
+
+
+def scio(records: list[dict], options: ScioOptions) -> Path:
+    """Run SCIO (and the --ablation arms); the process group is torn down cleanly.
+
+    Under torchrun every rank trains; screening and rewriting run on rank 0 from the stage's
+    exported model (so the result cannot depend on the number of ranks) while the other
+    ranks wait for its records file.
+    """
+    from sarkit.train.engine import teardown_distributed
+
+    try:
+        out = run_scio(records, options)
+        if options.ablation and not options.screen_only:
+            from sarkit.scio.ablation import run_ablation
+
+            run_ablation(records, options)
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed()
+    return out

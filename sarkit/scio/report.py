@@ -1,0 +1,111 @@
+"""The noise report: counts per field and decision (report.md and the stderr table), the
+strongest examples before and after, and a histogram of dITC per field (dITC.png)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sarkit import log
+from sarkit.atomic import atomic_path, write_text
+
+DECISIONS = ("kept", "noise", "rewritten", "removed")
+
+
+def counts(records: list[dict], fields: Sequence[str]) -> dict[str, dict[str, int]]:
+    table = {f: dict.fromkeys(DECISIONS, 0) for f in fields}
+    for rec in records:
+        for name, seg in (rec.get("scio") or {}).items():
+            if name in table and seg.get("decision") in table[name]:
+                table[name][seg["decision"]] += 1
+    return table
+
+
+def table_text(table: dict[str, dict[str, int]], decisions: Sequence[str]) -> list[str]:
+    width = max([len("field")] + [len(f) for f in table])
+    head = f"{'field':<{width}}  " + "  ".join(f"{d:>9}" for d in decisions)
+    rows = [head]
+    for name, row in table.items():
+        rows.append(f"{name:<{width}}  " + "  ".join(f"{row[d]:>9}" for d in decisions))
+    total = {d: sum(r[d] for r in table.values()) for d in decisions}
+    rows.append(f"{'all':<{width}}  " + "  ".join(f"{total[d]:>9}" for d in decisions))
+    return rows
+
+
+def strongest(records: list[dict], n: int = 10) -> list[tuple[float, dict, str, dict]]:
+    items = []
+    for rec in records:
+        for name, seg in (rec.get("scio") or {}).items():
+            if seg.get("decision") in ("noise", "rewritten", "removed"):
+                items.append((float(seg["ditc"]), rec, name, seg))
+    items.sort(key=lambda t: (t[0], str(t[1].get("id")), t[2]))
+    return items[:n]
+
+
+def histogram(path: Path, records: list[dict], fields: Sequence[str]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warn("matplotlib is not installed: no dITC histogram")
+        return False
+    values = {f: [] for f in fields}
+    for rec in records:
+        for name, seg in (rec.get("scio") or {}).items():
+            if name in values and "ditc" in seg:
+                values[name].append(float(seg["ditc"]))
+    cols = 4 if len(fields) > 4 else len(fields)
+    rows = -(-len(fields) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, fields, strict=False):
+        ax.hist(values[name], bins=30, color="#4a7", edgecolor="none")
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(fields) :]:
+        ax.axis("off")
+    fig.suptitle("dITC = L_ITC(without segment) - L_ITC(full); < 0: candidate noise", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(
+    out: Path, records: list[dict], fields: Sequence[str], skipped: Any, options: Any
+) -> None:
+    decisions = ("kept", "noise") if options.screen_only else ("kept", "rewritten", "removed")
+    table = counts(records, fields)
+    lines = table_text(table, decisions)
+    md = ["# SCIO noise report", ""]
+    md.append(
+        f"margins: dITC < -{options.itc_margin:g}, dITM > {options.itm_margin:g}; "
+        f"per-field cap {options.field_cap:g}; rounds {options.rounds}"
+        + (" (screening only)" if options.screen_only else "")
+    )
+    md += ["", "## Segments per field and decision", "", "```", *lines, "```", ""]
+    if skipped.counts:
+        md += [f"Passed through unchanged: {skipped.summary()}.", ""]
+    md += ["## The 10 strongest (most negative dITC)", ""]
+    for ditc, rec, name, seg in strongest(records):
+        before = (rec.get("texts_original") or {}).get(name, "")
+        md.append(f"- `{rec.get('id')}` **{name}** dITC {ditc:.4f}, dITM {seg['ditm']:.4f}: "
+                  f"{seg['decision']}")  # fmt: skip
+        md.append(f"  - before: {before}")
+        new = seg.get("rewrite")
+        if new:
+            verdict = "accepted" if seg["decision"] == "rewritten" else "rejected"
+            md.append(f"  - rewrite ({verdict}; dITC {new['ditc']:.4f}, dITM {new['ditm']:.4f}): "
+                      f"{new['text']}")  # fmt: skip
+    if histogram(out / "dITC.png", records, fields):
+        md += ["", "![dITC per field](dITC.png)"]
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    log.info("scio: segments per field and decision")
+    for line in lines:
+        log.info("  " + line)
+    if skipped.counts:
+        log.info(f"scio: passed through unchanged: {skipped.summary()}")

@@ -1,0 +1,268 @@
+"""Screening: which segments does the model itself judge to be noise? (paper eq. 10-11)
+
+For an image v and its text t of segments p_1..p_n, t^(-j) is t without p_j and
+
+    dITC_j = L_ITC(v, t^(-j)) - L_ITC(v, t)        dITM_j = s(v, t^(-j)) - s(v, t)
+
+p_j is a candidate when dITC_j < -itc_margin and noise when also dITM_j > itm_margin.
+L_ITC of one pair is its symmetric InfoNCE against a fixed negative bank, the momentum queue
+the training stage left (entries of the pair's own group kept out: its own queued features
+and texts that describe the same thing), so a value does not depend on what else is in the
+batch and compares across images, ranks and resumed runs. Batched: an image is encoded once
+and its n + 1 text variants (full, each segment dropped) run as one batch through the text
+tower and the ITM cross-attention. Truncation is decided on the full text (TextCodec), so a
+dropped segment never lets the others grow back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sarkit import log
+
+
+@dataclass
+class Bank:
+    """Fixed negatives: normalised image and text features and the group of each entry."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    groups: torch.Tensor
+
+
+def queue_bank(momentum: Any) -> Bank | None:
+    """The momentum queue as a bank, or None when it holds fewer than two entries."""
+    img, txt, groups = momentum.queued()
+    if img.shape[0] < 2:
+        return None
+    return Bank(img.float(), txt.float(), groups)
+
+
+@torch.no_grad()
+def records_bank(model: Any, momentum: Any, codec: Any, images, texts, groups) -> Bank:
+    """A bank from the records themselves (momentum towers), when no queue was kept."""
+    feats_i, feats_t = [], []
+    for s in range(0, len(texts), 64):
+        enc = codec.encode(texts[s : s + 64])
+        i, t = momentum.features(images[s : s + 64], enc.input_ids, enc.attention_mask)
+        feats_i.append(i)
+        feats_t.append(t)
+    return Bank(torch.cat(feats_i), torch.cat(feats_t), torch.as_tensor(groups))
+
+
+class Scorer:
+    """Per-pair L_ITC (against the bank) and ITM match probability, many texts per image."""
+
+    def __init__(self, model: Any, codec: Any, bank: Bank, device: torch.device):
+        self.model, self.codec, self.device = model, codec, device
+        self.bank = Bank(bank.img.to(device), bank.txt.to(device), bank.groups.to(device))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_images(images.to(self.device))
+
+    @torch.no_grad()
+    def score(
+        self,
+        tokens: torch.Tensor,
+        img_feat: torch.Tensor,
+        groups: torch.Tensor,
+        owner: Sequence[int],
+        texts: Sequence[Any],
+        drop: Sequence[Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_ITC, ITM probability) of each text row against the image `owner[row]`."""
+        enc = self.codec.encode(texts, drop=drop).to(self.device)
+        own = torch.as_tensor(list(owner), device=self.device)
+        txt = self.model.encode_texts(enc)
+        exclude = self.bank.groups[None, :] == groups.to(self.device)[own][:, None]
+        loss = self.model.itc_pair_loss(img_feat[own], txt, self.bank.img, self.bank.txt, exclude)
+        itm = self.model.itm_scores(tokens[own], enc)
+        return loss.float().cpu(), itm.float().cpu()
+
+
+def nonempty(segments: Sequence[str]) -> list[int]:
+    return [j for j, s in enumerate(segments) if s.strip()]
+
+
+def screen_images(
+    scorer: Scorer, images: torch.Tensor, segments: list[list[str]], groups: torch.Tensor
+) -> list[dict[int, tuple[float, float]]]:
+    """{segment index: (dITC, dITM)} for each image: one image encoding, one text batch."""
+    tokens, img_feat = scorer.encode_images(images)
+    owner, texts, drop, where = [], [], [], []
+    for i, segs in enumerate(segments):
+        owner.append(i)
+        texts.append(segs)
+        drop.append([])
+        for j in nonempty(segs):
+            owner.append(i)
+            texts.append(segs)
+            drop.append([j])
+            where.append((i, j, len(owner) - 1))
+    loss, itm = scorer.score(tokens, img_feat, groups, owner, texts, drop)
+    full = {}
+    for row, i in enumerate(owner):
+        if not drop[row]:
+            full[i] = row
+    out: list[dict[int, tuple[float, float]]] = [{} for _ in segments]
+    for i, j, row in where:
+        out[i][j] = (float(loss[row] - loss[full[i]]), float(itm[row] - itm[full[i]]))
+    return out
+
+
+def screen_naive(
+    scorer: Scorer, images: torch.Tensor, segments: list[list[str]], groups: torch.Tensor
+) -> list[dict[int, tuple[float, float]]]:
+    """The same numbers one text variant per forward pass, the image re-encoded each time
+    (the baseline of bench/scio.py)."""
+    out: list[dict[int, tuple[float, float]]] = []
+    for i, segs in enumerate(segments):
+
+        def one(drop: list[int], i=i, segs=segs) -> tuple[float, float]:
+            tokens, img_feat = scorer.encode_images(images[i : i + 1])
+            loss, itm = scorer.score(tokens, img_feat, groups[i : i + 1], [0], [segs], [drop])
+            return float(loss[0]), float(itm[0])
+
+        base = one([])
+        scores = {}
+        for j in nonempty(segs):
+            lj, sj = one([j])
+            scores[j] = (lj - base[0], sj - base[1])
+        out.append(scores)
+    return out
+
+
+# ---------------------------------------------------------------- the stage, resumable
+
+
+class Journal:
+    """Finished screening batches, one JSON line each, flushed as they finish.
+
+    Batches have a fixed composition (batch k = screened records k*B .. k*B+B-1), so a rerun
+    after a kill skips what is done and scores the rest exactly as an uninterrupted run. A
+    torn last line (killed mid-write) is ignored; a batch whose records differ (other input
+    or batch size) is not reused.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[int, dict] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[int(entry["batch"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
+        self._fh = None
+
+    def get(self, k: int, ids: list[str]) -> dict | None:
+        entry = self.done.get(k)
+        return entry if entry is not None and entry.get("ids") == ids else None
+
+    def add(self, entry: dict) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        self.done[int(entry["batch"])] = entry
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def run_screening(
+    scorer: Scorer,
+    load_image: Any,
+    pool: list[dict],
+    groups: list[int],
+    codec: Any,
+    batch: int,
+    journal_path: Path,
+) -> tuple[dict[int, dict[str, list[float]]], dict[int, str]]:
+    """Screen every record of `pool`; ({pool index: {field: [dITC, dITM]}}, {index: why bad}).
+
+    `load_image(index)` returns the model's input tensor or raises SarkitError (unreadable
+    tile: that record is reported and passed through, the batch goes on).
+    """
+    from sarkit.errors import SarkitError
+
+    journal = Journal(journal_path)
+    scores: dict[int, dict[str, list[float]]] = {}
+    bad: dict[int, str] = {}
+    n_batches = math.ceil(len(pool) / batch)
+    reused = 0
+    group_t = torch.as_tensor(groups)
+    try:
+        with log.progress("scio screen", total=n_batches) as advance:
+            for k in range(n_batches):
+                idx = list(range(k * batch, min(len(pool), (k + 1) * batch)))
+                ids = [str(pool[i].get("id")) for i in idx]
+                entry = journal.get(k, ids)
+                if entry is None:
+                    entry = {"batch": k, "ids": ids, "scores": {}, "bad": {}}
+                    good, tensors = [], []
+                    for i in idx:
+                        try:
+                            tensors.append(load_image(i))
+                            good.append(i)
+                        except SarkitError as exc:
+                            entry["bad"][str(i)] = str(exc)
+                    if good:
+                        segs = [codec.segments(pool[i]["texts"]) for i in good]
+                        result = screen_images(scorer, torch.stack(tensors), segs, group_t[good])
+                        for i, per in zip(good, result, strict=True):
+                            entry["scores"][str(i)] = {
+                                codec.fields[j]: [round(d, 7), round(m, 7)]
+                                for j, (d, m) in per.items()
+                            }
+                    journal.add(entry)
+                else:
+                    reused += 1
+                for i, per in entry["scores"].items():
+                    scores[int(i)] = per
+                for i, why in entry["bad"].items():
+                    bad[int(i)] = why
+                advance(1)
+    finally:
+        journal.close()
+    if reused:
+        log.info(f"scio screen: {reused} of {n_batches} batches were done before; not redone")
+    return scores, bad
+
+
+def decide(
+    scores: dict[int, dict[str, list[float]]],
+    itc_margin: float,
+    itm_margin: float,
+    field_cap: float,
+) -> dict[int, set[str]]:
+    """The noise pool: {pool index: flagged fields}, margins applied, then the per-field cap
+    (the strongest dITC first), and at least one segment of every text kept."""
+    by_field: dict[str, list[tuple[float, int]]] = {}
+    present: dict[str, int] = {}
+    for i, per in scores.items():
+        for name, (ditc, ditm) in per.items():
+            present[name] = present.get(name, 0) + 1
+            if ditc < -itc_margin and ditm > itm_margin:
+                by_field.setdefault(name, []).append((ditc, i))
+    flagged: dict[int, set[str]] = {}
+    for name, items in by_field.items():
+        items.sort()
+        for _, i in items[: math.floor(field_cap * present[name] + 1e-9)]:
+            flagged.setdefault(i, set()).add(name)
+    for i, names in flagged.items():
+        if len(names) >= len(scores[i]):  # every segment flagged: keep the least suspect
+            names.discard(max(names, key=lambda n: (scores[i][n][0], n)))
+    return {i: n for i, n in flagged.items() if n}
