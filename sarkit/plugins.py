@@ -34,6 +34,7 @@ BUILTINS = (
     "sarkit.quality.plugin",
     "sarkit.caption.plugin",
     "sarkit.tasks.plugin",
+    "sarkit.tasks.vl.plugin",
 )
 
 

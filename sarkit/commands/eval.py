@@ -11,6 +11,7 @@ import click
 import typer
 
 from sarkit import log, plugins
+from sarkit.commands.evaltext import text_command
 from sarkit.commands.finetune import HeadGroup
 from sarkit.errors import UsageError
 
@@ -85,7 +86,7 @@ group = EvalGroup(
     "eval",
     mode="eval",
     callback=_eval,
-    extras={"compare": compare_command},
+    extras={"compare": compare_command, "text": text_command},
     help="Measure a fine-tuned run (sarkit eval TASK RUN --data D; JSON on stdout, table on "
     "stderr), or compare runs (sarkit eval --compare RUN... [--markdown F] [--csv F]).",
     no_args_is_help=True,

@@ -49,12 +49,16 @@ def _build(values: dict) -> None:
     from sarkit.tasks.registry import builders
 
     output = values.pop("output")
-    check_file(output, "--output")
     chosen = [b for b in builders().values() if values.get(b.trigger.lstrip("-").replace("-", "_"))]
     if len(chosen) != 1:
         triggers = ", ".join(sorted(b.trigger for b in builders().values()))
         why = "several of" if chosen else "one of"
         raise UsageError(f"finetune build needs {why} {triggers}")
+    if getattr(chosen[0], "output_is_folder", False):  # e.g. --from: several files into -o
+        if Path(output).exists() and not Path(output).is_dir():
+            raise UsageError(f"{output} (--output): exists and is not a folder")
+    else:
+        check_file(output, "--output")
     log.info(chosen[0].build(values, Path(output)))
 
 

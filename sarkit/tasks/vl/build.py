@@ -345,3 +345,116 @@ def build(ann: Annotations, options: BuildOptions) -> dict:
         write_text(out / "answers.json", json.dumps(vocab, indent=2, ensure_ascii=False) + "\n")
     write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+class FromAnnotations:
+    """The `finetune build --from ANN` builder (caption/retrieval/VQA files into ``-o``)."""
+
+    name = "vl-from-annotations"
+    trigger = "--from"
+    output_is_folder = True
+
+    @property
+    def options(self):
+        from sarkit.hookspecs import HeadOption
+        from sarkit.ranges import number_in
+
+        build = ("build",)
+        return (
+            HeadOption(
+                "--from",
+                "Detection or segmentation annotations (COCO .json, VOC .xml or folder, mask "
+                "PNG folder, or class subfolders): caption/retrieval/VQA files into -o FOLDER.",
+                modes=build,
+            ),
+            HeadOption(
+                "--tasks",
+                "With --from: which files to write.",
+                default=",".join(TASKS),
+                modes=build,
+            ),
+            HeadOption(
+                "--classes",
+                "With --from masks or class folders: VALUE=NAME entries ('1=water,2=urban', "
+                "'0,255,0=ship'); mask values not named are unlabelled.",
+                modes=build,
+            ),
+            HeadOption(
+                "--objects",
+                "With --from masks: classes counted as targets (connected components); the "
+                "other named classes are landforms.",
+                modes=build,
+            ),
+            HeadOption(
+                "--test-fraction",
+                "With --from: the seeded test share of the images (4:1).",
+                default=0.2,
+                type=number_in(0, 1, hi_open=True),
+                modes=build,
+            ),
+            HeadOption(
+                "--test-list",
+                "With --from: a file naming the test images (one per line) instead.",
+                modes=build,
+            ),
+            HeadOption("--split-seed", "With --from: split and template seed.", 0, int, (), build),
+            HeadOption(
+                "--region-questions",
+                "With --from masks: region landform questions per image.",
+                2,
+                int,
+                (),
+                build,
+            ),
+        )
+
+    def build(self, options, output: Path) -> str:
+        from sarkit.errors import UsageError
+        from sarkit.tasks.vl.annotations import read_annotations
+
+        tasks = tuple(t.strip() for t in str(options.get("tasks") or "").split(",") if t.strip())
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise UsageError(f"--tasks {options.get('tasks')}: use some of {', '.join(TASKS)}")
+        images = options.get("images")
+        source = Path(options["from"])
+        ann = read_annotations(
+            source, Path(images) if images else None, options.get("classes"), options.get("objects")
+        )
+        test_list = options.get("test_list")
+        summary = build(
+            ann,
+            BuildOptions(
+                source,
+                Path(output),
+                tasks,
+                test_fraction=float(
+                    options["test_fraction"] if options.get("test_fraction") is not None else 0.2
+                ),
+                test_list=Path(test_list) if test_list else None,
+                seed=int(options.get("split_seed") or 0),
+                region_questions=int(
+                    options["region_questions"]
+                    if options.get("region_questions") is not None
+                    else 2
+                ),
+            ),
+        )
+        return summary_line(summary, Path(output))
+
+
+def summary_line(s: dict, output: Path) -> str:
+    """The build summary for stderr: what was written, what was not made and why."""
+    files = ", ".join(f"{t}.jsonl {n}" for t, n in s["written"].items())
+    questions = ", ".join(f"{t} {n}" for t, n in s["questions"].items() if n)
+    line = f"{s['images']} images ({s['splits']}), {s['objects']} targets -> {output}: {files}"
+    if "vqa" in s["written"]:
+        line += f"; questions: {questions or 'none'}"
+    reasons: dict[str, list[str]] = {}
+    for qtype, why in s["not_made"].items():
+        reasons.setdefault(why, []).append(qtype)
+    for why, types in reasons.items():
+        line += f"; not made: {', '.join(types)} ({why})"
+    if s["problems"]:
+        line += f"; {s['problems']} annotation problem(s), first: {s['first_problems'][0]}"
+    return line

@@ -1,0 +1,21 @@
+"""The built-in vision-language heads and the `finetune build --from` builder, as a plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sarkit.plugins import hookimpl
+
+
+@hookimpl
+def sarkit_task_heads() -> list[Any]:
+    from sarkit.tasks.vl.heads import heads
+
+    return heads()
+
+
+@hookimpl
+def sarkit_data_builders() -> list[Any]:
+    from sarkit.tasks.vl.build import FromAnnotations
+
+    return [FromAnnotations()]
