@@ -10,7 +10,9 @@ from sarkit.plugins import hookimpl
 
 @hookimpl
 def sarkit_task_heads() -> list[Any]:
-    return []
+    from sarkit.tasks.classify import ClassifyHead
+
+    return [ClassifyHead()]
 
 
 @hookimpl
