@@ -303,6 +303,7 @@ def build_lip(options: Any, train_rows: Sequence[dict], base: Path) -> tuple[nn.
         config = KnowLIPConfig(
             vision=options.vision,
             image_size=options.image_size,
+            text=extra.get("text"),
             text_layers=extra.get("text_layers"),
             embed_dim=int(extra.get("embed_dim") or 256),
             fields=(CAPTION_FIELD,),

