@@ -153,3 +153,42 @@ def test_eval_text_on_the_authors_captions_and_against(tmp_path):
     assert "bad.jsonl:2" in proc.stderr and "Traceback" not in proc.stderr
     proc = sarkit("eval", "text", ref, "--plot", tmp_path / "t.png", check=2)
     assert "--run" in proc.stderr
+
+
+def test_eval_vqa_with_an_llm_backend(tmp_path, capsys):
+    """Table 7's path: the questions go with their images to an OpenAI-compatible server
+    (the local fake one: no key); questions it leaves empty count as unanswered and wrong."""
+    from sarkit import cli
+    from sarkit.llm.fakeserver import FakeChatServer
+    from sarkit.tasks.vl.annotations import read_annotations
+    from sarkit.tasks.vl.build import BuildOptions, build
+
+    hrsid = shared("hrsid_mini")
+    ann = read_annotations(hrsid / "masks", hrsid / "images", "0,255,0=ship", "ship")
+    build(ann, BuildOptions(hrsid / "masks", tmp_path / "sft", ("vqa",)))
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "vqa.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    answers = {r["question"]: r["answer"] for r in test if r["type"] == "recognition"}
+    answers["How many ships are in the image?"] = "Answer: 99."  # wrong, but an answer
+    with FakeChatServer(vqa_answers=answers) as srv:
+        capsys.readouterr()
+        code = cli.run(["eval", "vqa", "--llm", "gpt-4.1", "--base-url", srv.url, "--data",
+                        str(tmp_path / "sft" / "vqa.jsonl"), "--figures", str(tmp_path / "f"),
+                        "--concurrency", "2"])  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert len(srv.bodies) == len(test)
+        body = srv.bodies[0]
+        assert "response_format" not in body
+        assert body["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png")
+    m = json.loads(out)["metrics"]
+    n_pos = sum(r["type"] == "position" for r in test)
+    assert m["acc_recognition"] == 100.0 and m["acc_count"] == 0.0 and m["acc_position"] == 0.0
+    assert m["unanswered"] == n_pos and f"{n_pos} question(s) unanswered" in err
+    saved = [json.loads(x) for x in (tmp_path / "f" / "vqa_gpt-4.1.jsonl").read_text().splitlines()]
+    assert {s["prediction"] for s in saved if s["type"] == "count"} == {"99"}
+    capsys.readouterr()
+    assert cli.run(["eval", "vqa", "--llm", "offline", "--data", str(tmp_path / "x.jsonl")]) == 2
+    assert cli.run(["eval", "vqa", "--data", str(tmp_path / "sft" / "vqa.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "does not answer questions" in err and "needs a RUN folder" in err

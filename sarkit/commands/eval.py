@@ -23,8 +23,10 @@ def _eval(head, values: dict) -> None:
     from sarkit.tasks.options import EvalOptions
 
     common, extra = split_extra(values, head, "eval")
+    if not common.get("run") and not extra.get("llm"):  # only `eval vqa --llm` needs none
+        raise UsageError(f"eval {head.name} needs a RUN folder")
     options = EvalOptions(
-        run=Path(common["run"]),
+        run=Path(common["run"]) if common.get("run") else None,
         data=common.get("data"),
         weights=common["weights"],
         batch_size=common["batch_size"],

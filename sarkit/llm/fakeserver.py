@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "slow", "malformed", "missing", "drop")
 TILE_RE = re.compile(r"Tile (\S+) from scene")
+QUESTION_RE = re.compile(r"^Question: (.+)$", re.M)
 FIELD_RE = re.compile(r"^([A-Za-z_]\w*): [^\n<]*<[^\n]*>$", re.M)
 
 
@@ -42,6 +43,7 @@ class FakeChatServer:
         schema: bool = True,
         seed: int = 0,
         port: int = 0,
+        vqa_answers: dict[str, str] | None = None,
     ):
         self.latency = latency
         self.plan = {k: list(v) for k, v in (plan or {}).items()}
@@ -58,6 +60,8 @@ class FakeChatServer:
         self.events: list[tuple[float, str, str]] = []  #: (time, tile, what happened)
         self.seen_auth: set[str] = set()
         self.bodies: list[dict] = []
+        #: `eval vqa --llm`: "Question: Q" lines are answered from this (unknown Q: empty)
+        self.vqa_answers = vqa_answers
         self._port = port
         self._server: ThreadingHTTPServer | None = None
 
@@ -189,6 +193,11 @@ def _make_handler(srv: FakeChatServer):
             if fault == "malformed":
                 self._send(200, b'{"choices": [{"message": {"content": "trunc')
                 return
+            question = QUESTION_RE.search(text)
+            if srv.vqa_answers is not None and question and "response_format" not in body:
+                content = srv.vqa_answers.get(question.group(1).strip(), "")
+                self._send(200, json.dumps(_completion(body, text, content)).encode())
+                return
             fields = _fields_of(body, text)
             if fault in ("missing", "missing_always"):
                 fields = fields[: max(0, len(fields) - 2)]
@@ -202,25 +211,25 @@ def _make_handler(srv: FakeChatServer):
                 content = "Here is the analysis.\n" + "\n".join(
                     f"**{k}**: {v}" for k, v in values.items()
                 )
-            answer = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "model": body.get("model"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": len(text) // 4 + 765,
-                    "completion_tokens": len(content) // 4,
-                },
-            }
-            self._send(200, json.dumps(answer).encode())
+            self._send(200, json.dumps(_completion(body, text, content)).encode())
 
     return Handler
+
+
+def _completion(body: dict, text: str, content: str) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": len(text) // 4 + 765, "completion_tokens": len(content) // 4},
+    }
 
 
 def main() -> None:

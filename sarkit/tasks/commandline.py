@@ -148,7 +148,7 @@ def finetune_options(head: Any) -> list[click.Option]:
 
 def eval_options() -> list[click.Option]:
     return [
-        click.Argument(["run"], type=click.Path()),
+        click.Argument(["run"], type=click.Path(), required=False),
         click.Option(["--data"], help="Data to measure on (default: the run's held-out split)."),
         click.Option(
             ["--weights"],

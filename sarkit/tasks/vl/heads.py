@@ -383,6 +383,27 @@ class VQAHead(VLHead):
             str,
             ANSWER_MODES,
         ),
+        HeadOption(
+            "--llm",
+            "Ask an LLM backend of `sarkit caption` instead of a run (no RUN; --data needed): "
+            "the Table 7 comparison.",
+            modes=("eval",),
+        ),
+        HeadOption(
+            "--base-url", "With --llm: OpenAI-compatible endpoint (.../v1).", modes=("eval",)
+        ),
+        HeadOption("--model-id", "With --llm: model id sent to the server.", modes=("eval",)),
+        HeadOption("--keys-file", 'With --llm: JSON {"openai": KEY}.', modes=("eval",)),
+        HeadOption(
+            "--limit", "With --llm: ask only the first N test questions.", type=int, modes=("eval",)
+        ),
+        HeadOption(
+            "--concurrency",
+            "With --llm: questions in flight.",
+            default=4,
+            type=int,
+            modes=("eval",),
+        ),
     )
 
     def prepare(self, options: Any):

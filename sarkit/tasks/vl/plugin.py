@@ -19,3 +19,13 @@ def sarkit_data_builders() -> list[Any]:
     from sarkit.tasks.vl.build import FromAnnotations
 
     return [FromAnnotations()]
+
+
+@hookimpl
+def sarkit_eval(task: str, options: Any) -> dict | None:
+    """`eval vqa --llm NAME`: an LLM answers instead of a run (else the generic eval)."""
+    if task != "vqa" or not options.extra.get("llm"):
+        return None
+    from sarkit.tasks.vl.llmvqa import evaluate_llm
+
+    return evaluate_llm(options)
