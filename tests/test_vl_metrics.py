@@ -187,6 +187,17 @@ def test_eval_vqa_with_an_llm_backend(tmp_path, capsys):
     assert m["unanswered"] == n_pos and f"{n_pos} question(s) unanswered" in err
     saved = [json.loads(x) for x in (tmp_path / "f" / "vqa_gpt-4.1.jsonl").read_text().splitlines()]
     assert {s["prediction"] for s in saved if s["type"] == "count"} == {"99"}
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"openai": "sk-test-123"}')
+    with FakeChatServer(vqa_answers=answers) as srv:
+        code = cli.run(["eval", "vqa", "--llm", "gpt-4.1", "--base-url", srv.url, "--data",
+                        str(tmp_path / "sft" / "vqa.jsonl"), "--limit", "3", "--model-id",
+                        "my-vlm", "--keys-file", str(keys)])  # fmt: skip
+        assert code == 0
+        assert len(srv.bodies) == 3 and {b["model"] for b in srv.bodies} == {"my-vlm"}
+        assert srv.seen_auth == {"Bearer sk-test-123"}
+    out = capsys.readouterr().out
+    assert "sk-test-123" not in out and json.loads(out)["metrics"]["questions"] == 3
     capsys.readouterr()
     assert cli.run(["eval", "vqa", "--llm", "offline", "--data", str(tmp_path / "x.jsonl")]) == 2
     assert cli.run(["eval", "vqa", "--data", str(tmp_path / "sft" / "vqa.jsonl")]) == 2

@@ -86,7 +86,7 @@ def sft(tmp_path_factory):
     return out, root / "run"
 
 
-def test_build_summary_says_what_was_not_made(sft, capsys, tmp_path):
+def test_build_summary_says_what_was_not_made(capsys, tmp_path):
     hrsid = shared("hrsid_mini")
     _, err = run(capsys, "finetune", "build", "--from", hrsid / "masks", "--images",
                  hrsid / "images", "--classes", "0,255,0=ship", "--objects", "ship",
@@ -103,6 +103,13 @@ def test_build_summary_says_what_was_not_made(sft, capsys, tmp_path):
                  hrsid / "images", "--classes", "0,255,0=ship", "--tasks", "captions",
                  "-o", tmp_path / "o2", code=2)  # fmt: skip
     assert "--tasks captions" in err
+    test = tmp_path / "test.txt"
+    test.write_text("P0001_1200_2000_9600_10400\nP0001_1800_2600_3600_4400\n")
+    run(capsys, "finetune", "build", "--from", hrsid / "masks", "--images", hrsid / "images",
+        "--classes", "0,255,0=ship", "--objects", "ship", "--tasks", "caption", "--test-list",
+        test, "-o", tmp_path / "o3")  # fmt: skip
+    held = [r["id"] for r in lines(tmp_path / "o3" / "caption.jsonl") if r["split"] == "test"]
+    assert sorted(held) == test.read_text().split()
 
 
 def test_retrieval_from_a_run(sft, capsys, tmp_path):
@@ -117,7 +124,8 @@ def test_retrieval_from_a_run(sft, capsys, tmp_path):
     split = json.loads((ret / "split.json").read_text())
     assert split["how"] == "given" and len(split["val"]) == 7
     # k 0 ranks by ITC alone: the re-ranked figures are then the ITC ones
-    out, _ = run(capsys, "eval", "retrieval", ret, "--k-test", "0", "--weights", "best")
+    out, _ = run(capsys, "eval", "retrieval", ret, "--k-test", "0", "--weights", "best",
+                 "--max-tokens", "30")  # fmt: skip
     m = json.loads(out)["metrics"]
     assert m["r_mean"] == pytest.approx(m["itc_r_mean"])
     assert m["images"] == 7 and m["texts"] == 35
@@ -154,7 +162,7 @@ def test_vqa_from_a_run(sft, capsys, tmp_path):
     _, err = run(capsys, "finetune", "vqa", "--init", pre, "--data", data / "vqa.jsonl", "-o",
                  vqa, *TINY, "--answer-mode", "rank", "--max-tokens", "48")  # fmt: skip
     assert "skipped 1 record(s) (question without an answer" in err and "bad/q0" in err
-    out, _ = run(capsys, "eval", "vqa", vqa, "--answer-mode", "generate")
+    out, _ = run(capsys, "eval", "vqa", vqa, "--answer-mode", "generate", "--max-tokens", "40")
     m = json.loads(out)["metrics"]
     assert {"acc_count", "acc_recognition", "acc_position", "acc_overall"} <= set(m)
     answers = lines(vqa / "eval" / "vqa_answers.jsonl")
