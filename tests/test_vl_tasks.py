@@ -119,7 +119,7 @@ def test_retrieval_from_a_run(sft, capsys, tmp_path):
         "-o", ret, *TINY, "--k-test", "4", "--alpha", "0.3", "--momentum", "0.9",
         "--max-tokens", "35")  # fmt: skip
     config = json.loads((ret / "config.json").read_text())
-    assert config["task"] == "retrieval" and config["init_provenance"]["kind"] == "run"
+    assert config["task"] == "retrieval" and config["init"]["kind"] == "run"
     assert (ret / "text" / "tokenizer.json").exists() and (ret / "best.safetensors").exists()
     split = json.loads((ret / "split.json").read_text())
     assert split["how"] == "given" and len(split["val"]) == 7
@@ -132,6 +132,9 @@ def test_retrieval_from_a_run(sft, capsys, tmp_path):
     for k in (1, 5, 10):
         assert 0 <= m[f"i2t_r{k}"] <= 100 and 0 <= m[f"t2i_r{k}"] <= 100
     assert m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"]
+    out, _ = run(capsys, "eval", "--compare", ret)  # the Table 6 layout: one row per init
+    table = json.loads(out)
+    assert table[pre.name]["retrieval:r_mean"] == pytest.approx(m["r_mean"])
 
 
 def test_caption_from_random_init(sft, capsys, tmp_path):
@@ -142,7 +145,7 @@ def test_caption_from_random_init(sft, capsys, tmp_path):
         data / "caption.jsonl", "-o", cap, *TINY, "--prompt", "a SAR image of", "--beams", "1",
         "--max-new-tokens", "4", "--max-tokens", "40")  # fmt: skip
     config = json.loads((cap / "config.json").read_text())
-    assert config["model"]["text_layers"] == 1 and config["init_provenance"]["kind"] == "random"
+    assert config["model"]["text_layers"] == 1 and config["init"]["kind"] == "random"
     out, err = run(capsys, "eval", "caption", cap, "--no-meteor", "--beams", "2",
                    "--max-new-tokens", "5", "--max-tokens", "40", "--data",
                    data / "caption.jsonl")  # fmt: skip

@@ -323,7 +323,15 @@ def build_lip(options: Any, train_rows: Sequence[dict], base: Path) -> tuple[nn.
     lip = KnowLIP(config, pretrained_text=False)
     load_weights(lip, paths[1])
     log.info(f"initialised from {init} ({config.vision}, image size {config.image_size})")
-    return lip, {"kind": "run", "path": str(Path(init).resolve())}
+    from sarkit.tasks.backbone import sha256
+
+    provenance = {
+        "kind": "run",
+        "run": str(Path(init).resolve()),
+        "weights": str(paths[1].resolve()),
+        "sha256": sha256(paths[1]),
+    }
+    return lip, provenance
 
 
 def save_text_config(lip: nn.Module, tokenizer: Any, out: Path) -> None:

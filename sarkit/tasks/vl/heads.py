@@ -98,7 +98,7 @@ class VLHead:
 
         return {
             "model": model_config_dict(lip),
-            "init_provenance": provenance,
+            "init": provenance,  # as every head's config.json (eval --compare's row label)
             "data": str(options.data),
             **more,
         }
