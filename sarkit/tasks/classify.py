@@ -146,6 +146,7 @@ class ClassifyHead:
         from sarkit.tasks.splits import seeded_split
 
         extra = options.extra
+        spec, weights = resolve_init(options.init, options.vision, options.image_size)
         data = labelled.load(options.data, options.val_data)
         index = {c: i for i, c in enumerate(data.classes)}
         if data.val is None:
@@ -153,7 +154,6 @@ class ClassifyHead:
             how = f"seeded {round((1 - options.val_fraction) / options.val_fraction)}:1"
         else:
             train, val, how = data.train, data.val, "given"
-        spec, weights = resolve_init(options.init, options.vision, options.image_size)
         tr_images, tr_labels, tr_names = read_all(
             [(p, index[c]) for p, c in train], f"{options.data} (train)"
         )

@@ -87,7 +87,7 @@ class ChipDataset(torch.utils.data.Dataset):
             flip = bool(rng.random() < 0.5)
         else:
             top, left, flip = (h - side) // 2, (w - side) // 2, False
-        x = torch.from_numpy(np.ascontiguousarray(im[top : top + side, left : left + side]))
+        x = torch.from_numpy(np.array(im[top : top + side, left : left + side]))
         x = x.float().div_(255.0)[None, None]
         if side != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)

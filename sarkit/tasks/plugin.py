@@ -11,8 +11,9 @@ from sarkit.plugins import hookimpl
 @hookimpl
 def sarkit_task_heads() -> list[Any]:
     from sarkit.tasks.classify import ClassifyHead
+    from sarkit.tasks.segment import SegmentHead
 
-    return [ClassifyHead()]
+    return [ClassifyHead(), SegmentHead()]
 
 
 @hookimpl

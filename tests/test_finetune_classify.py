@@ -1,0 +1,210 @@
+"""`sarkit finetune classify` / `sarkit eval classify` / `eval --compare` on real MSTAR chips
+(a few per class, tiny ViT), and their bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import types
+from pathlib import Path
+
+import pytest
+from conftest import shared
+
+from sarkit import cli as sarkit_cli
+
+CLASSES = ("0", "3", "7")
+TINY = [
+    "--vision", "vit_tiny_patch16_224", "--image-size", "32", "--batch-size", "8",
+    "--workers", "0", "--log-every", "1", "--warmup-steps", "1", "--lr", "1e-3",
+]  # fmt: skip
+
+
+@pytest.fixture
+def cli(capsys):
+    """The command line run in this process (`sarkit.cli.run`, as a user's line): a fresh
+    interpreter per command would spend most of these tests importing torch and timm."""
+
+    def call(*args, check: int | None = None):
+        capsys.readouterr()
+        code = sarkit_cli.run([str(a) for a in args])
+        out, err = capsys.readouterr()
+        if check is not None:
+            assert code == check, err
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return call
+
+
+def mstar_folders(dest: Path, train: int = 8, val: int = 4) -> Path:
+    """DEST/train/<c>/ and DEST/val/<c>/ with links to real MSTAR chips."""
+    root = shared("mstar")
+    for split, n in (("train", train), ("val", val)):
+        for c in CLASSES:
+            (dest / split / c).mkdir(parents=True)
+            for src in sorted((root / split / c).iterdir())[:n]:
+                os.symlink(src, dest / split / c / src.name)
+    return dest
+
+
+def eval_rows(run: Path) -> list[dict]:
+    with open(run / "eval.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_classify_run_folder_resume_eval(cli, tmp_path):
+    data = mstar_folders(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["finetune", "classify", "--data", data, "-o", run, *TINY, "--init", "random",
+            "--epochs", "2", "--seed", "3", "--grad-accum", "1", "--weight-decay", "0.05",
+            "--drop-path", "0.0", "--precision", "bf16", "--save-every", "2",
+            "--pool", "cls", "--label-smoothing", "0.1", "--layer-decay", "0.8",
+            "--center-crop", "0.6875", "--max-steps", "4"]  # fmt: skip
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.json", "split.json", "eval.csv", "metrics.csv", "best.safetensors",
+                 "last.safetensors", "results.json", "best.json"):  # fmt: skip
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "classify" and config["init"] == {"kind": "random"}
+    assert config["head"]["classes"] == list(CLASSES) and config["head"]["pool"] == "cls"
+    assert config["vision"]["center_crop"] == 0.6875 and config["options"]["precision"] == "bf16"
+    split = json.loads((run / "split.json").read_text())
+    assert split["how"] == "given" and len(split["train"]) == 24 and len(split["val"]) == 12
+    assert len(eval_rows(run)) == 2  # 24 images / batch 8 = 3 steps an epoch; stopped at 4
+    # resumed to the end of 3 epochs: one more evaluation per epoch, settled over all of them
+    proc = cli(*args[:-2], "--epochs", "3", "--resume", "latest")
+    assert proc.returncode == 0, proc.stderr
+    rows = eval_rows(run)
+    assert [int(r["step"]) for r in rows] == [3, 4, 6, 9]
+    results = json.loads((run / "results.json").read_text())
+    assert results["settled_over"] == 4
+    assert results["settled"]["top1"] == pytest.approx(
+        sum(float(r["top1"]) for r in rows) / 4, abs=1e-5
+    )
+    # eval reloads the last weights: the same held-out top-1 as the run's last evaluation
+    figures = tmp_path / "fig"
+    proc = cli("eval", "classify", run, "--data", data, "--weights", "last", "--batch-size", "5",
+               "--workers", "0", "--precision", "fp32", "--figures", figures)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["metrics"]["top1"] == pytest.approx(float(rows[-1]["top1"]), abs=1e-5)
+    assert set(record["metrics"]) == {"top1", "top3", "mean_class_acc"}
+    assert (figures / "confusion.png").stat().st_size > 1000
+    per_class = json.loads((figures / "per_class.json").read_text())
+    assert sorted(per_class) == list(CLASSES)
+    assert sum(per_class.values()) / 3 == pytest.approx(record["metrics"]["mean_class_acc"])
+    assert (figures / "classify.json").exists()
+
+    # bad input: other classes, a run of another task, not a run
+    other = tmp_path / "other"
+    (other / "9").mkdir(parents=True)
+    os.symlink(next((data / "train" / "0").iterdir()), other / "9" / "a.jpeg")
+    proc = cli("eval", "classify", run, "--data", other, "--weights", "best")
+    assert proc.returncode == 1 and "classes ['9'] are not among the run's 3" in proc.stderr
+    proc = cli("eval", "classify", tmp_path, "--data", data)
+    assert proc.returncode == 1 and "config.json: missing" in proc.stderr
+
+    # --compare: Table 4 layout (settled metrics from results.json), best bold
+    run2 = tmp_path / "run2"
+    cli("finetune", "classify", "--data", data, "-o", run2, *TINY, "--epochs", "1",
+        "--init", "random", "--max-steps", "1", check=0)  # fmt: skip
+    md, table = tmp_path / "t.md", tmp_path / "t.csv"
+    proc = cli("eval", "--compare", run, run2, "--markdown", md, "--csv", table)
+    assert proc.returncode == 0, proc.stderr
+    cells = json.loads(proc.stdout)
+    assert cells["random"]["classify:top1"] == pytest.approx(results["settled"]["top1"])
+    settled2 = json.loads((run2 / "results.json").read_text())["settled"]["top1"]
+    assert cells["random (run2)"]["classify:top1"] == pytest.approx(settled2)
+    text = md.read_text()
+    assert text.startswith("| init | classify:top1") and "| random (run2) |" in text
+    assert ("**" in text) == (cells["random"]["classify:top1"] != settled2)
+    assert table.read_text().splitlines()[0].startswith("init,classify:top1")
+
+
+def test_init_file_and_run_folder_are_loaded(cli, tmp_path):
+    """--init FILE and --init RUN start from those weights (lr ~0: they come out unchanged)."""
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data = mstar_folders(tmp_path / "data", train=3, val=1)
+    vit = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=0, img_size=32)
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    weights = tmp_path / "w.safetensors"
+    save_file(state, str(weights))
+    pre = tmp_path / "pre"
+    (pre / "export").mkdir(parents=True)
+    save_file(state, str(pre / "export" / "vision.safetensors"))
+    meta = {"timm_name": "vit_tiny_patch16_224", "model_args": {}, "img_size": 32,
+            "center_crop": 0.5, "mean": [0.2], "std": [0.1]}  # fmt: skip
+    (pre / "export" / "vision.json").write_text(json.dumps(meta))
+    for init, kind in ((weights, "file"), (pre, "run")):
+        run = tmp_path / f"ft-{kind}"
+        proc = cli("finetune", "classify", "--data", data, "-o", run, *TINY, "--lr", "1e-12",
+                   "--warmup-steps", "0", "--epochs", "1", "--max-steps", "1", "--init", init,
+                   "--drop-path", "0")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        config = json.loads((run / "config.json").read_text())
+        assert config["init"]["kind"] == kind and len(config["init"]["sha256"]) == 64
+        last = load_file(str(run / "last.safetensors"))
+        for key in ("patch_embed.proj.weight", "blocks.11.mlp.fc2.weight", "pos_embed"):
+            assert torch.allclose(last[f"backbone.{key}"], state[key], atol=1e-6), key
+        assert config["head"]["layer_decay"] == 0.75
+    assert config["vision"]["mean"] == 0.2 and config["vision"]["center_crop"] == 0.5
+
+
+def test_bad_data_is_named(cli, tmp_path):
+    data = mstar_folders(tmp_path / "data", train=3, val=1)
+    (data / "train" / "0" / "broken.jpeg").write_bytes(b"not a jpeg")
+    run = tmp_path / "run"
+    args = ("finetune", "classify", "-o", run, *TINY, "--epochs", "1", "--max-steps", "1")
+    proc = cli(*args, "--data", data)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable image(s); first: " in proc.stderr and "broken.jpeg" in proc.stderr
+    assert len(json.loads((run / "split.json").read_text())["train"]) == 9
+    for flag, value, message in (
+        ("--lr", "nan", "not in the range"),
+        ("--label-smoothing", "2", "not in the range"),
+        ("--init", "timm:", "needs a timm model name"),
+        ("--init", "nowhere", "not a run folder, a weights file"),
+    ):
+        proc = cli(*args, "--data", data, flag, value)
+        assert proc.returncode == 2 and message in proc.stderr, (flag, proc.stderr)
+    (data / "train" / "5").mkdir()
+    proc = cli(*args, "--data", data)
+    assert proc.returncode == 1 and "train/5: empty class folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad_csv = tmp_path / "x.csv"
+    bad_csv.write_text("path,label\na.jpeg\n")
+    proc = cli(*args, "--data", bad_csv)
+    assert proc.returncode == 1 and "x.csv:2: expected 'path,label'" in proc.stderr
+
+
+def test_seeded_split_from_one_folder_csv_and_records(cli, tmp_path):
+    """No split given: a seeded, stratified 4:1 split; a CSV and records work as data."""
+    from sarkit.tasks import labels
+    from sarkit.tasks.splits import seeded_split
+
+    data = mstar_folders(tmp_path / "data", train=10, val=1)
+    one = data / "train"
+    items = labels.load(str(one)).train
+    train, val = seeded_split(items, 0.2, 7)
+    assert len(val) == 6 and len(train) == 24 and not set(train) & set(val)
+    assert sorted(c for _, c in val) == sorted(CLASSES * 2)
+    assert seeded_split(items, 0.2, 7) == (train, val) and seeded_split(items, 0.2, 8) != (
+        train,
+        val,
+    )
+    table = tmp_path / "d.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in items))
+    records = tmp_path / "d.jsonl"
+    records.write_text("".join(json.dumps({"path": str(p), "label": c}) + "\n" for p, c in items))
+    assert labels.load(str(table)).train == labels.load(str(records)).train == items
+    run = tmp_path / "run"
+    proc = cli("finetune", "classify", "--data", table, "-o", run, *TINY, "--epochs", "1",
+               "--max-steps", "1", "--val-fraction", "0.25")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    split = json.loads((run / "split.json").read_text())
+    assert split["how"] == "seeded 3:1" and len(split["val"]) == 6  # round(2.5) = 2 a class
