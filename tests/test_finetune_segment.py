@@ -88,11 +88,14 @@ def test_hrsid_colour_masks_and_bad_masks(cli, tmp_path):
     run = tmp_path / "run"
     palette = "0,0,0:sea;0,255,0:ship"
     proc = cli("finetune", "segment", "--data", data, "-o", run, *TINY, "--max-steps", "1",
-               "--palette", palette, "--tile", "200")  # fmt: skip
+               "--palette", palette, "--tile", "200", "--balance")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 image/mask pair(s); first: " in proc.stderr
     assert "10x10 mask for a 800x800 image" in proc.stderr
-    assert json.loads((run / "config.json").read_text())["head"]["classes"] == ["sea", "ship"]
+    head = json.loads((run / "config.json").read_text())["head"]
+    assert head["classes"] == ["sea", "ship"]
+    sea, ship = head["class_weights"]  # ships are rare: weighted up, the mean weight is 1
+    assert ship > 10 * sea and abs((sea + ship) / 2 - 1) < 1e-6
     # a colour outside the palette, a colour mask without one, a bad palette
     proc = cli("finetune", "segment", "--data", data, "-o", run, *TINY,
                "--palette", "0,0,0:sea;9,9,9:x")  # fmt: skip

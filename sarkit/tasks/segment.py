@@ -57,10 +57,12 @@ class MaskTransformer(nn.Module):
 
 
 class Segmenter(nn.Module):
-    def __init__(self, backbone: nn.Module, classes: int, layers: int):
+    def __init__(self, backbone: nn.Module, classes: int, layers: int, weights=None):
         super().__init__()
         self.backbone = backbone
         self.decoder = MaskTransformer(backbone.num_features, classes, layers=layers)
+        w = torch.ones(classes) if weights is None else torch.as_tensor(weights).float()
+        self.register_buffer("class_weights", w, persistent=False)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens :]
@@ -70,7 +72,7 @@ class Segmenter(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.logits(images).float()
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
+        loss = F.cross_entropy(logits, masks, self.class_weights, ignore_index=IGNORE)
         keep = masks != IGNORE
         acc = (logits.argmax(1)[keep] == masks[keep]).float().mean() if keep.any() else loss * 0
         return {"loss": loss, "pixel_acc": acc.detach()}
@@ -131,6 +133,17 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Pa
     return path
 
 
+def balance_weights(masks: list[np.ndarray], n: int) -> torch.Tensor:
+    """1 / sqrt(pixel frequency) per class, mean 1 (a class without pixels gets the mean)."""
+    counts = np.zeros(n, np.float64)
+    for m in masks:
+        counts += np.bincount(m[m != IGNORE].ravel(), minlength=n)[:n]
+    freq = counts / max(counts.sum(), 1)
+    w = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1e-12)), 0.0)
+    w[freq == 0] = w[freq > 0].mean() if (freq > 0).any() else 1.0
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
 class SegmentHead:
     """`sarkit finetune segment` / `sarkit eval segment`."""
 
@@ -184,6 +197,13 @@ class SegmentHead:
             modes=("finetune", "eval"),
         ),
         HeadOption("--decoder-layers", "Mask-transformer layers.", 2, int),
+        HeadOption(
+            "--balance",
+            "Weight the loss by inverse square-root class frequency "
+            "(rare classes such as ships among sea).",
+            False,
+            bool,
+        ),
         HeadOption("--overlays", "Overlay PNGs written by eval.", 4, int, modes=("eval",)),
     )
 
@@ -228,7 +248,8 @@ class SegmentHead:
         torch.manual_seed(options.seed)
         backbone = build_backbone(spec, weights, options.drop_path)
         layers = int(extra.get("decoder_layers") or 2)
-        model = Segmenter(backbone, len(labels), layers)
+        weights = balance_weights(tr_masks, len(labels)) if extra.get("balance") else None
+        model = Segmenter(backbone, len(labels), layers, weights)
         dataset = segdata.TileDataset(
             tr_images, tr_masks, tile, spec.image_size, spec.mean, spec.std, options.seed
         )
@@ -254,7 +275,8 @@ class SegmentHead:
             "init": spec.provenance,
             "vision": spec.to_dict(),
             "head": {"labels": labels, "classes": names, "ignore_index": ignore,
-                     "palette": extra.get("palette"), "tile": tile, "decoder_layers": layers},
+                     "palette": extra.get("palette"), "tile": tile, "decoder_layers": layers,
+                     "class_weights": None if weights is None else weights.tolist()},
         }  # fmt: skip
         return Prepared(
             task, dataset, segdata.collate, Split(tr_names, va_names, how, options.seed), config
