@@ -118,12 +118,21 @@ def vocabulary(data: str | Path) -> dict | None:
 # ---------------------------------------------------------------- models
 
 
+def freeze(modules: Sequence[nn.Module]) -> None:
+    """Parts a head's loss never reaches: no gradients, no optimiser state, and nothing DDP
+    waits for (it fails on parameters without a gradient); their weights stay in the run."""
+    for module in modules:
+        for p in module.parameters() if isinstance(module, nn.Module) else [module]:
+            p.requires_grad_(False)
+
+
 class RetrievalModel(nn.Module):
     """ITC (momentum distillation, queue; every caption of an image is a positive) + ITM."""
 
     def __init__(self, lip: nn.Module):
         super().__init__()
         self.lip = lip
+        freeze([lip.decoder])
 
     def forward(self, images, input_ids, attention_mask, groups, momentum, alpha):
         from sarkit.model.knowlip import gather
@@ -159,6 +168,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.lip = lip
         self.label_smoothing = float(label_smoothing)
+        freeze([lip.text, lip.text_proj, lip.vision_proj, lip.itm_head, lip.temp])
 
     def forward(self, images, input_ids, attention_mask, prefix_lengths):
         from sarkit.model.decoder import lm_loss
