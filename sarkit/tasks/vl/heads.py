@@ -83,6 +83,11 @@ class VLHead:
             how = "given"
         if not train:
             raise SarkitError(f"{options.data}: no record in the train split")
+        if not held:
+            raise SarkitError(
+                f"{options.data}: no held-out record (no test split; give --val-data or more "
+                "records for the seeded split)"
+            )
         key = "image" if self.kind == "vqa" else "id"
         split = Split(
             train=sorted({str(r.get(key, r.get("id"))) for r in train}),
@@ -99,7 +104,7 @@ class VLHead:
         return {
             "model": model_config_dict(lip),
             "init": provenance,  # as every head's config.json (eval --compare's row label)
-            "data": str(options.data),
+            "data": str(Path(options.data).resolve()),  # eval's default, from any folder
             **more,
         }
 
