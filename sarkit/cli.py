@@ -37,6 +37,7 @@ COMMANDS = (
     "filter",
     "caption",
     "pretrain",
+    "scio",
     "finetune",
     "eval",
 )

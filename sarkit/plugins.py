@@ -33,6 +33,7 @@ BUILTINS = (
     "sarkit.train.plugin",
     "sarkit.quality.plugin",
     "sarkit.caption.plugin",
+    "sarkit.scio.plugin",
     "sarkit.tasks.plugin",
     "sarkit.tasks.vl.plugin",
 )

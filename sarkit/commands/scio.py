@@ -97,8 +97,8 @@ def command(
     if not to_stdout and run_dir is not None:
         raise UsageError("--run-dir goes with -o - only (-o names the run folder)")
     folder = run_dir if to_stdout else Path(output)
-    if ablation and (heldout is None or rounds != 1):
-        raise UsageError("--ablation needs --heldout CLEAN.jsonl and one round (--rounds 1)")
+    if ablation and heldout is None:
+        raise UsageError("--ablation needs --heldout CLEAN.jsonl (clean held-out pairs)")
     if heldout is not None and not ablation:
         raise UsageError("--heldout goes with --ablation")
     if screen_only and ablation:

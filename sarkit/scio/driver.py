@@ -149,6 +149,9 @@ def screen_stage(current, pool, run, options, folder, rnd):
         if k in bad:
             rec.pop("mlm_exclude", None)
             continue
+        if k not in scores:
+            continue
+        rec.setdefault("texts_original", copy.deepcopy(rec["texts"]))
         entry = rec.setdefault("scio", {})
         noisy = flagged.get(k, set())
         for name, (ditc, ditm) in scores.get(k, {}).items():
@@ -201,12 +204,7 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fields = layout(records, options)
     skipped = Skipped()
-    current = []
-    for rec in records:
-        rec = copy.deepcopy(rec)
-        if isinstance(rec.get("texts"), dict):
-            rec.setdefault("texts_original", copy.deepcopy(rec["texts"]))
-        current.append(rec)
+    current = [copy.deepcopy(rec) for rec in records]
     pool = []
     for i, rec in enumerate(records):
         why = problem(rec, fields)

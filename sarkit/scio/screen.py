@@ -156,7 +156,12 @@ class Journal:
         self.path = path
         self.done: dict[int, dict] = {}
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            data = path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if len(whole) != len(data):  # a torn last line: cut it, appends start clean
+                with open(path, "r+b") as fh:
+                    fh.truncate(len(whole))
+            for line in whole.decode("utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
                     self.done[int(entry["batch"])] = entry
