@@ -59,7 +59,8 @@ def test_bad_masks_are_skipped_and_named(cli, tmp_path):
     Image.fromarray(np.zeros((21, 30), np.uint8)).save(tmp_path / "images" / "c.jpg")
     Image.fromarray(good).save(tmp_path / "masks" / "d.png")  # no image at all
     out = tmp_path / "x.coco.json"
-    proc = cli("finetune", "build", "--boxes-from-masks", tmp_path, "-o", out)
+    proc = cli("finetune", "build", "--boxes-from-masks", tmp_path / "masks", "--images",
+               tmp_path / "images", "-o", out)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (
         "skipped 3 mask(s)" in proc.stderr and "b.png: pixel (0, 0) is (255, 0, 0)" in proc.stderr

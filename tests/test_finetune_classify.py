@@ -160,9 +160,10 @@ def test_bad_data_is_named(cli, tmp_path):
     (data / "train" / "0" / "broken.jpeg").write_bytes(b"not a jpeg")
     run = tmp_path / "run"
     args = ("finetune", "classify", "-o", run, *TINY, "--epochs", "1", "--max-steps", "1")
-    proc = cli(*args, "--data", data)
+    proc = cli(*args, "--data", data / "train", "--val-data", data / "val")
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 unreadable image(s); first: " in proc.stderr and "broken.jpeg" in proc.stderr
+    assert json.loads((run / "split.json").read_text())["how"] == "given"
     assert len(json.loads((run / "split.json").read_text())["train"]) == 9
     for flag, value, message in (
         ("--lr", "nan", "not in the range"),
@@ -208,3 +209,20 @@ def test_seeded_split_from_one_folder_csv_and_records(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     split = json.loads((run / "split.json").read_text())
     assert split["how"] == "seeded 3:1" and len(split["val"]) == 6  # round(2.5) = 2 a class
+
+
+def test_classify_under_deepspeed(tmp_path):
+    """--deepspeed: the head trains through the loop's DeepSpeed engine (its own process)."""
+    pytest.importorskip("deepspeed")
+    from conftest import sarkit
+
+    data = mstar_folders(tmp_path / "data", train=2, val=1)
+    run = tmp_path / "run"
+    proc = sarkit("finetune", "classify", "--data", data, "-o", run, *TINY, "--epochs", "1",
+                  "--max-steps", "1", "--deepspeed", "zero1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        json.loads((run / "checkpoints" / "step-00000001" / "state.json").read_text())["engine"]
+        == "deepspeed"
+    )
+    assert (run / "last.safetensors").exists() and len(eval_rows(run)) == 1
