@@ -223,7 +223,14 @@ def sarkit_pretrain(records: list[dict], options: Any) -> Path | None:
 
 @hookspec(firstresult=True)
 def sarkit_scio(records: list[dict], options: Any) -> Path | None:
-    """Run self-consistent iterative optimisation; return the run folder (with refined records)."""
+    """Run self-consistent iterative optimisation; return the run folder (with refined records).
+
+    Called once by `sarkit scio` with every input record (in order) and a
+    ``sarkit.scio.options.ScioOptions`` (pretrain's options plus rounds, margins, field cap,
+    ``screen_only``, ``ablation``). The folder must hold ``refined.jsonl`` (``screened.jsonl``
+    with ``screen_only``): every input record, the ones it could not judge unchanged. The
+    built-in (``sarkit.scio``) is registered ``trylast``; the first non-None result wins.
+    """
 
 
 @hookspec(firstresult=True)
