@@ -198,13 +198,18 @@ def caption_metrics(
 
 @torch.no_grad()
 def rank_answers(
-    lip: Any, tokens: Any, rows: Sequence[dict], base: Path, answers: Sequence[str], batch: int = 8
+    lip: Any,
+    tokens: Any,
+    rows: Sequence[dict],
+    base: Path,
+    candidates: Sequence[Sequence[str]],
+    batch: int = 8,
 ) -> list[str]:
-    """For each question, the vocabulary answer with the lowest LM loss (summed over its
-    tokens) after the question, given the image."""
+    """For each question, the candidate answer (``candidates[i]``) of the highest
+    likelihood (the lowest LM loss summed over its tokens) after the question, given the
+    image."""
     from sarkit.model.decoder import lm_inputs, lm_loss
 
-    answer_ids = [tokens.ids(a) for a in answers]
     out: list[str] = []
     was = lip.training
     lip.eval()
@@ -212,10 +217,11 @@ def rank_answers(
         for i, images in image_batches(lip, rows, base, batch):
             states = lip.image_to_text(lip.image_tokens(images))
             for r in range(len(images)):
+                answers = list(candidates[i + r])
                 q = tokens.ids(rows[i + r]["question"])
                 ids, mask, lengths = lm_inputs(
                     [q] * len(answers),
-                    answer_ids,
+                    [tokens.ids(a) for a in answers],
                     tokens.bos,
                     tokens.eos,
                     tokens.pad,
@@ -227,6 +233,14 @@ def rank_answers(
     finally:
         lip.train(was)
     return out
+
+
+def candidates_of(rows: Sequence[dict], vocab: dict) -> list[list[str]]:
+    """Each question's candidates: the vocabulary's answers of its type (a count question
+    is never answered "urban"; across types, short answers would win on summed loss),
+    else the whole vocabulary."""
+    by_type = vocab.get("by_type") or {}
+    return [list(by_type.get(r["type"]) or vocab["answers"]) for r in rows]
 
 
 def vqa_metrics(
@@ -243,7 +257,9 @@ def vqa_metrics(
     if mode == "rank":
         if not vocab:
             raise SarkitError("--answer-mode rank needs the answer vocabulary (answers.json)")
-        preds = rank_answers(lip, tokens, rows, base, vocab["answers"], max(1, batch // 2))
+        preds = rank_answers(
+            lip, tokens, rows, base, candidates_of(rows, vocab), max(1, batch // 2)
+        )
     else:
         preds = generate_texts(
             lip,

@@ -382,8 +382,8 @@ class VQAHead(VLHead):
         *both("--max-tokens", "Tokens per question + answer row.", 48, int),
         *both(
             "--answer-mode",
-            "generate: the decoder writes the answer; rank: the most likely answer of the "
-            "vocabulary (answers.json beside the data).",
+            "generate: the decoder writes the answer; rank: the most likely of the "
+            "vocabulary's answers of the question's type (answers.json beside the data).",
             "generate",
             str,
             ANSWER_MODES,
