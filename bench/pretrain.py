@@ -5,12 +5,15 @@
 Both loops train the same model (same seed) on the same batches in this one process:
   bare     a hand-written loop over batches collated beforehand and kept in memory:
            momentum update, forward (ITC + ITM + MLM), backward, fused AdamW step.
-  trainer  sarkit's Trainer on the same records (real MSTAR chips from ../shared/data,
-           read and augmented by DataLoader workers, lr schedule, logging, CSV,
-           TensorBoard); samples/s from its per-step timings (startup and export excluded).
-Overhead = bare samples/s / trainer samples/s - 1 (target <= 10%). The first 2 steps of
-each loop are warm-up and not counted. Load average is printed: on a shared machine the
-figures move with it.
+  loop     the shared training loop (sarkit.train.loop) on the same records (real MSTAR
+           chips from ../shared/data, read and augmented by DataLoader workers, lr
+           schedule, logging, CSV, TensorBoard): `sarkit pretrain`'s KnowLIP task, and a
+           plain ViT classifier as a fine-tuning head is; samples/s from its per-step
+           timings (startup and export excluded).
+Overhead = bare samples/s / loop samples/s - 1 (target <= 10%). The first 2 steps of
+each loop are warm-up and not counted. With --repeat N the two loops alternate N times and
+the medians over all rounds are compared, so a change of load on a shared machine hits
+both alike; the load average is printed.
 
     .venv/bin/python bench/pretrain.py --mfu --device cuda --precision bf16 --configs base-bert
 
@@ -276,11 +279,40 @@ def classifier_loop(recs: list[dict], opts) -> list[float]:
     return logged_rates(Path(opts.output))
 
 
+def classifier_accelerate(recs: list[dict], opts) -> list[float]:
+    """The same classifier in the loop HF Accelerate's documentation shows (prepare, then
+    accelerator.backward): what the shared loop would be built on instead."""
+    from accelerate import Accelerator
+
+    from sarkit.train.engine import adamw, param_groups
+
+    torch.manual_seed(opts.seed)
+    model = Classifier(opts.vision, opts.image_size)
+    optimizer = adamw(param_groups(model, opts.weight_decay), 1e-4)
+    ds, collate = classifier_data(recs, opts)
+    loader = torch.utils.data.DataLoader(ds, batch_size=opts.batch_size, shuffle=True,
+                                         num_workers=opts.workers, collate_fn=collate)  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    rates, tick = [], time.perf_counter()
+    for batch in loader:
+        loss = model(**batch)["loss"]
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.item())
+        now = time.perf_counter()
+        rates.append(len(batch["images"]) / (now - tick))
+        tick = now
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="tiny,base")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the two loops N times")
     ap.add_argument("--mfu", action="store_true", help="pairs/s and MFU of the bare loop")
     ap.add_argument(
         "--no-classifier", dest="classifier", action="store_false",
@@ -317,17 +349,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             opts = options(name, Path(tmp) / "run", args.steps, args.workers)
             recs = records(opts.batch_size * args.steps)
-            r_bare = statistics.median(bare(recs, opts)[2:])
-            r_trainer = statistics.median(trainer(recs, opts)[2:])
-            rows.append((f"{name} KnowLIP", opts.batch_size, r_bare, r_trainer))
+            pairs = [("KnowLIP", bare, trainer)]
             if args.classifier:
-                opts.output = Path(tmp) / "cls"
-                r_bare = statistics.median(classifier_bare(recs, opts)[2:])
-                r_loop = statistics.median(classifier_loop(recs, opts)[2:])
-                rows.append((f"{name} classifier", opts.batch_size, r_bare, r_loop))
+                pairs.append(("classifier", classifier_bare, classifier_loop))
+                try:
+                    import accelerate  # noqa: F401 - optional, measured when installed
+
+                    pairs.append(("classifier, HF Accelerate", classifier_bare,
+                                  classifier_accelerate))  # fmt: skip
+                except ImportError:
+                    print("# accelerate not installed: its row is left out", file=sys.stderr)
+            for label, run_bare, run_loop in pairs:
+                got_bare, got_loop = [], []
+                for k in range(args.repeat):
+                    opts.output = Path(tmp) / f"{label}-{k}"
+                    got_bare += run_bare(recs, opts)[2:]
+                    got_loop += run_loop(recs, opts)[2:]
+                rows.append((f"{name} {label}", opts.batch_size, statistics.median(got_bare),
+                             statistics.median(got_loop)))  # fmt: skip
         print(f"# {name} done, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, "
-          f"image 224, max tokens 128, {args.steps} steps (median of steps 3..)")  # fmt: skip
+          f"image 224, max tokens 128, {args.steps} steps x {args.repeat} "
+          "(median of steps 3..)")  # fmt: skip
     print("| config | batch | bare samples/s | shared loop samples/s | loop overhead |")
     print("|---|---|---|---|---|")
     for name, batch, rb, rt in rows:

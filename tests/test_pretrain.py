@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import shared
+from conftest import shared, tiny_bert
 from test_pretrain_data import mstar_records, write_jsonl
 
 TINY = [
     "--vision", "vit_tiny_patch16_224", "--image-size", "32", "--text-layers", "1",
     "--max-tokens", "40", "--embed-dim", "32", "--queue-size", "20", "--batch-size", "4",
     "--warmup-steps", "3", "--lr", "1e-3", "--log-every", "1", "--workers", "1",
+    "--text", str(tiny_bert()),
 ]  # fmt: skip
 
 

@@ -341,7 +341,9 @@ def safe_checkpoint_reads(engine: Any) -> None:
     def load(path: str, map_location=None):
         try:
             with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                # mmap: the tensors stay file pages until used; the optimiser then adopts
+                # them in place of the states it had, rather than holding both in memory
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         except Exception as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
             why = lines[0] if lines else type(exc).__name__
