@@ -235,9 +235,19 @@ def sarkit_scio(records: list[dict], options: Any) -> Path | None:
 
 @hookspec(firstresult=True)
 def sarkit_finetune(task: str, options: Any) -> Path | None:
-    """Fine-tune a pretrained model on a downstream task; return the run folder."""
+    """Fine-tune a backbone on task `task`; return the run folder.
+
+    Called once per ``sarkit finetune TASK`` with a ``sarkit.tasks.options.FinetuneOptions``
+    (the head's own options in ``options.extra``). The built-in implementation (last in
+    line) runs the registered head through the shared loop (``sarkit.tasks.finetune.run``).
+    """
 
 
 @hookspec(firstresult=True)
 def sarkit_eval(task: str, options: Any) -> dict | None:
-    """Evaluate a fine-tuned run on a task; return its metrics."""
+    """Measure a fine-tuned run on task `task`; return its record (``metrics`` and more).
+
+    Called once per ``sarkit eval TASK RUN`` with a ``sarkit.tasks.options.EvalOptions``;
+    the built-in implementation reloads the run with its head (``head.evaluate``), draws the
+    figures and writes ``eval/TASK.json``.
+    """
