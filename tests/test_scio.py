@@ -1,0 +1,272 @@
+"""`sarkit scio` end to end on real MSTAR chips with tiny models, and its screening parts.
+
+One tiny pretrain run (module fixture) is the --init of every run here; stages train a step
+or two, enough to check the mechanics: decisions per segment, refined records, report,
+resume after kill -9 during screening, bad input passed through and counted, --ablation.
+Whether screening finds real noise is test_scio_learn's question.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import shared
+from test_pretrain import TINY
+from test_pretrain_data import mstar_records, write_jsonl
+
+from sarkit.model import TERRAIN_FIELDS
+
+SCIO = ["--max-steps", "1", "--batch-size", "4", "--warmup-steps", "1", "--workers", "0",
+        "--log-every", "1", "--screen-batch", "1", "--max-new-tokens", "6"]  # fmt: skip
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+# ---------------------------------------------------------------- screening parts
+
+
+@pytest.fixture(scope="module")
+def tiny_judge():
+    from sarkit.model.knowlip import KnowLIP, KnowLIPConfig, Momentum
+    from sarkit.model.text import TextCodec
+    from sarkit.scio.screen import Scorer, queue_bank
+
+    torch.manual_seed(0)
+    cfg = KnowLIPConfig(vision="tiny", image_size=32, text_layers=1, embed_dim=16,
+                        queue_size=12, max_tokens=64)  # fmt: skip
+    model = KnowLIP(cfg).eval()
+    momentum = Momentum(model, cfg.queue_size, cfg.momentum)
+    feats = torch.nn.functional.normalize(torch.randn(24, 16), dim=-1)
+    momentum.enqueue(feats[:12], feats[12:], torch.arange(12) % 4 - 4)
+    codec = TextCodec.from_pretrained(None, cfg.fields, cfg.max_tokens)
+    return Scorer(model, codec, queue_bank(momentum), torch.device("cpu")), codec
+
+
+def test_batched_screening_equals_one_variant_per_pass(tiny_judge):
+    from sarkit.scio.screen import screen_images, screen_naive
+
+    scorer, codec = tiny_judge
+    images = torch.randn(2, 1, 32, 32)
+    texts = [{f: f"{f} {k} of a bright target" for f in TERRAIN_FIELDS} for k in range(2)]
+    texts[1]["Water"] = ""  # an empty segment is not a variant
+    segs = [codec.segments(t) for t in texts]
+    groups = torch.tensor([-1, -2])  # -1 and -2 are in the queue: kept out of their rows
+    batched = screen_images(scorer, images, segs, groups)
+    naive = screen_naive(scorer, images, segs, groups)
+    assert [len(b) for b in batched] == [8, 7]
+    for b, n in zip(batched, naive, strict=True):
+        assert b.keys() == n.keys()
+        for j in b:
+            assert b[j] == pytest.approx(n[j], abs=1e-5)
+
+
+def test_stage_plan():
+    from sarkit.scio.driver import plan
+    from sarkit.scio.options import ScioOptions
+
+    names = [n for n, _, _ in plan(ScioOptions(output="o", rounds=2))]
+    assert names == ["01-train", "02-screen-r1", "03-train-r1", "04-rewrite-r1",
+                     "05-train-r1b", "06-screen-r2", "07-train-r2", "08-rewrite-r2",
+                     "09-train-r2b"]  # fmt: skip
+    with_init = [n for n, _, _ in plan(ScioOptions(output="o", init="run"))]
+    assert with_init == ["01-screen-r1", "02-train-r1", "03-rewrite-r1", "04-train-r1b"]
+    asked = plan(ScioOptions(output="o", init="run", epochs_per_stage_given=True))
+    assert asked[0][0] == "01-train"
+
+
+def test_decide_margins_cap_and_one_segment_kept():
+    from sarkit.scio.screen import decide
+
+    # 10 records, field A: 4 confirmed (dITC < 0, dITM > 0), one with dITM < 0
+    scores = {i: {"A": [-0.1 * (i + 1), 0.1], "B": [0.5, -0.1]} for i in range(4)}
+    scores.update({i: {"A": [0.2, 0.1], "B": [0.5, -0.1]} for i in range(4, 9)})
+    scores[9] = {"A": [-1.0, -0.1], "B": [-0.5, 0.2]}
+    assert decide(scores, 0.0, 0.0, 1.0) == {0: {"A"}, 1: {"A"}, 2: {"A"}, 3: {"A"}, 9: {"B"}}
+    # margins: dITC < -0.25 leaves records 2 and 3; dITM > 0.15 leaves none of A
+    assert decide(scores, 0.25, 0.0, 1.0) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
+    assert decide(scores, 0.0, 0.15, 1.0) == {9: {"B"}}
+    # cap 0.2 of 10 A segments: the 2 strongest dITC (records 3, 2)
+    assert decide(scores, 0.0, 0.0, 0.2) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
+    # every segment of a text flagged: the least suspect stays
+    both = {0: {"A": [-0.3, 0.1], "B": [-0.1, 0.1]}}
+    assert decide(both, 0.0, 0.0, 1.0) == {0: {"A"}}
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained run and 12 MSTAR records (+ 3 bad ones) to refine."""
+    from conftest import sarkit
+
+    root = tmp_path_factory.mktemp("scio")
+    recs = mstar_records(shared("mstar"), "train", 2)[:12]
+    write_jsonl(root / "train.jsonl", recs)
+    sarkit("pretrain", root / "train.jsonl", "-o", root / "base", *TINY, "--max-steps", "3",
+           "--max-tokens", "64", "--save-every", "0", check=0)  # fmt: skip
+    bad = [
+        dict(recs[0], id="one-segment", texts={"Terrain": "flat ground"}),
+        dict(recs[1], id="extra-field", texts={**recs[1]["texts"], "Weather": "rain"}),
+        dict(recs[2], id="no-tile", path=str(root / "missing.jpeg")),
+    ]
+    write_jsonl(root / "mixed.jsonl", recs[:6] + bad + recs[6:])
+    heldout = mstar_records(shared("mstar"), "val", 1)
+    write_jsonl(root / "heldout.jsonl", heldout)
+    return root
+
+
+def scio_args(base, run) -> list:
+    return ["scio", base / "mixed.jsonl", "--init", base / "base", "-o", "-", "--run-dir", run,
+            *SCIO, "--itc-margin", "0", "--itm-margin", "0",
+            "--field-cap", "0.5"]  # fmt: skip
+
+
+BAD = ("one-segment", "extra-field", "no-tile")
+
+
+@pytest.fixture(scope="module")
+def refined_run(base):
+    """One round from the tiny run, refined records streamed to stdout (-o -)."""
+    from conftest import sarkit
+
+    run = base / "run"
+    proc = sarkit(*scio_args(base, run), check=0)
+    return run, proc
+
+
+def test_scio_refines_and_reports(base, refined_run):
+    run, proc = refined_run
+    refined = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert refined == read(run / "refined.jsonl")
+    given = read(base / "mixed.jsonl")
+    assert [r["id"] for r in refined] == [r["id"] for r in given]
+    names = sorted(p.name for p in (run / "stages").iterdir())
+    assert names == ["01-screen-r1", "02-train-r1", "03-rewrite-r1", "04-train-r1b"]
+    # bad input: passed through unchanged, counted on stderr and in the report
+    for rec, old in zip(refined, given, strict=True):
+        if rec["id"] in BAD:
+            assert rec == old
+    for why in ("1 fewer than 2 non-empty segments", "1 fields outside the run's layout",
+                "1 unreadable tile"):  # fmt: skip
+        assert why in proc.stderr and why in (run / "report.md").read_text()
+    decisions = {"kept": 0, "rewritten": 0, "removed": 0}
+    for rec, old in zip(refined, given, strict=True):
+        if rec["id"] in BAD:
+            continue
+        assert rec["texts_original"] == old["texts"] and "mlm_exclude" not in rec
+        assert set(rec["scio"]) == set(TERRAIN_FIELDS)
+        for name, seg in rec["scio"].items():
+            decisions[seg["decision"]] += 1
+            assert isinstance(seg["ditc"], float) and isinstance(seg["ditm"], float)
+            if seg["decision"] == "kept":
+                assert rec["texts"][name] == old["texts"][name] and seg["round"] == 1
+            elif seg["decision"] == "removed":
+                assert name not in rec["texts"] and "rewrite" in seg
+            else:
+                new = seg["rewrite"]
+                assert rec["texts"][name] == new["text"] and new["ditc"] < 0 < new["ditm"]
+    flagged = decisions["rewritten"] + decisions["removed"]
+    assert 0 < flagged <= 0.5 * 12 * 8  # the field cap holds
+    report = (run / "report.md").read_text()
+    for name in TERRAIN_FIELDS:
+        assert name in report and name in proc.stderr
+    assert (run / "dITC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from sarkit.model.knowlip import KnowLIP
+
+    KnowLIP.from_run(run / "model")
+
+
+def test_scio_resumes_an_interrupted_screening(base, refined_run, cli):
+    """What kill -9 during screening leaves (finished batches in the journal, a torn last
+    line, no records file, nothing after) resumes to the same refined records."""
+    run, proc = refined_run
+    again = base / "again"
+    lines = (run / "stages" / "01-screen-r1" / "journal.jsonl").read_text().splitlines()
+    assert len(lines) == 13  # 13 records to screen, one per batch (--screen-batch 1)
+    journal = again / "stages" / "01-screen-r1" / "journal.jsonl"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    resumed = cli(*scio_args(base, again), check=0)
+    assert "5 of 13 batches were done before; not redone" in resumed.stderr
+    batches = [json.loads(x)["batch"] for x in journal.read_text().splitlines()]
+    assert batches == list(range(13))  # the torn line cut, each batch screened once
+    assert resumed.stdout == proc.stdout
+
+
+def test_scio_ablation_on_a_finished_run(base, refined_run, cli):
+    run, _ = refined_run
+    proc = cli(*scio_args(base, run), "--ablation", "--heldout", base / "heldout.jsonl", check=0)
+    assert "scio: stage" not in proc.stderr  # every SCIO stage was done: none redone
+    table = json.loads((run / "ablation.json").read_text())
+    assert [a["arm"] for a in table["arms"]] == [
+        "SCIO off", "screen + filter", "screen + filter + reconstruct"]  # fmt: skip
+    for arm in table["arms"]:
+        assert 0.0 <= arm["i2t_r1"] <= 1.0 and 0.0 <= arm["t2i_r1"] <= 1.0
+    assert "VQA accuracy: not measured" in proc.stderr
+    assert "| SCIO off | no | no |" in (run / "ablation.md").read_text()
+    # the same training steps in every arm
+    arms = [run / "ablation" / "a-train-1", run / "ablation" / "a-train-2",
+            run / "stages" / "02-train-r1", run / "ablation" / "b-train-2",
+            run / "stages" / "04-train-r1b"]  # fmt: skip
+    assert len({len(read_csv(p)) for p in arms}) == 1
+
+
+def read_csv(folder) -> list[dict]:
+    import csv
+
+    with open(folder / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
+    proc = cli("scio", base / "train.jsonl", "-o", tmp_path / "s", "--screen-only",
+               *TINY, "--max-tokens", "64", "--epochs-per-stage", "1", "--max-steps", "2",
+               "--text-lr-scale", "0.5", "--momentum", "0.9", "--grad-accum", "1",
+               "--center-crop", "0.7", "--no-augment", "--save-every", "0", "--seed", "1",
+               "--precision", "fp32", "--screen-batch", "5", "--max-new-tokens", "5",
+               "--rounds", "2", check=0)  # fmt: skip
+    screened = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(screened) == 12 and screened == read(tmp_path / "s" / "screened.jsonl")
+    for rec in screened:
+        assert rec["texts"] == rec["texts_original"]
+        noise = [f for f, s in rec["scio"].items() if s["decision"] == "noise"]
+        assert rec["mlm_exclude"] == noise
+        for seg in rec["scio"].values():
+            assert seg["decision"] in ("noise", "kept")
+            assert seg["decision"] == "kept" or (seg["ditc"] < 0 and seg["ditm"] > 0)
+    assert (tmp_path / "s" / "stages" / "01-train" / "DONE").exists()
+    assert not (tmp_path / "s" / "stages" / "03-train-r1").exists()  # stopped after screening
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-o", "-"], 2, "-o -: give the run folder with --run-dir"),
+        (["--ablation"], 2, "--ablation needs --heldout"),
+        (["--heldout", "x"], 2, "--heldout goes with --ablation"),
+        (["-o", "o", "--run-dir", "r"], 2, "--run-dir goes with -o - only"),
+        (["--screen-only", "--ablation", "--heldout", "x"], 2, "exclude each other"),
+        (["--field-cap", "1.5"], 2, "0<=x<=1"),
+        (["--itc-margin", "nan"], 2, "x>=0"),
+        (["--precision", "fp8"], 2, "use fp32, bf16 or fp16"),
+    ],
+)
+def test_scio_usage_errors(tmp_path, cli, args, code, message):
+    recs = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "path": "x.png", "texts": {}}])
+    full = ["scio", recs, *args] if "-o" in args else ["scio", recs, "-o", tmp_path / "o", *args]
+    proc = cli(*full)
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_scio_bad_input_is_one_line(tmp_path, cli):
+    one = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "path": "x.png",
+                                                "texts": {"Terrain": "flat"}}])  # fmt: skip
+    proc = cli("scio", one, "--init", tmp_path / "nowhere", "-o", tmp_path / "o")
+    assert proc.returncode == 1 and "not a run folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
