@@ -43,7 +43,7 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
     """Train arms (a) and (b) beside the SCIO run (c), score all three; ablation.md/.json."""
     from sarkit.records import load_all
     from sarkit.scio.driver import layout, plan, read_records
-    from sarkit.scio.stagetrain import train_stage
+    from sarkit.scio.stagetrain import finish_stage, train_stage
 
     out = Path(options.output)
     stages = plan(options)
@@ -64,7 +64,7 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
         if not (folder / "DONE").exists():
             log.info(f"scio ablation: {folder.name}")
             train_stage(pool, options, init, folder)
-            write_text(folder / "DONE", "done\n")
+            finish_stage(folder, keep_checkpoints=False)
     # (b) screen + filter: the SCIO run's filtered stage, then the noise pool removed
     screened = read_records(out / "stages" / first_screen / "records.jsonl")
     removed = []
@@ -79,7 +79,7 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
     if not (b2 / "DONE").exists():
         log.info(f"scio ablation: {b2.name}")
         train_stage(removed, options, str(out / "stages" / filtered), b2)
-        write_text(b2 / "DONE", "done\n")
+        finish_stage(b2, keep_checkpoints=False)
     rows = [
         ("SCIO off", False, False, a2),
         ("screen + filter", True, False, b2),

@@ -198,7 +198,7 @@ def rewrite_stage(current, pool, run, options):
 def run_scio(records: list[dict], options: ScioOptions) -> Path:
     """Run every stage not yet done; return the run folder."""
     from sarkit.scio import report
-    from sarkit.scio.stagetrain import train_stage
+    from sarkit.scio.stagetrain import finish_stage, train_stage
 
     out = Path(options.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,13 +220,14 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
     model_run = options.init
     last_bad: dict[int, str] = {}
     stages = plan(options)
+    last_train = [n for n, kind, _ in stages if kind == "train"][-1]
     for name, kind, rnd in stages:
         folder = out / "stages" / name
         if kind == "train":
             if not (folder / "DONE").exists():
                 log.info(f"scio: stage {name}")
                 train_stage([current[i] for i in pool], options, model_run, folder)
-                write_text(folder / "DONE", "done\n")
+                finish_stage(folder, keep_checkpoints=name == last_train)
             model_run = str(folder)
             continue
         done = folder / "records.jsonl"

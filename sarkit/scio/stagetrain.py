@@ -95,3 +95,17 @@ def train_stage(records: list[dict], options: Any, init: str | None, out: Path) 
         else max(1, round(loop.steps_per_epoch))
     )
     return loop.fit()
+
+
+def finish_stage(folder: Path, keep_checkpoints: bool) -> None:
+    """Mark a training stage done; its checkpoints go unless asked to stay (the next stage
+    starts from the stage's exported model, and a done stage is never resumed: a tiny
+    model's checkpoint with its optimiser state is already some 400 MB)."""
+    import os
+    import shutil
+
+    from sarkit.atomic import write_text
+
+    write_text(folder / "DONE", "done\n")
+    if not keep_checkpoints and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
