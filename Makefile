@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.sarkit-installed
 
-.PHONY: setup test demo lint format clean
+.PHONY: setup test test-all demo lint format clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml $(PLUGINS)
 test: setup
 	$(VENV)/bin/ruff check sarkit plugins tests bench
 	$(VENV)/bin/pytest
+
+# everything, the long training runs (marked slow) too: about 45 min on 2 cores
+test-all: setup
+	$(VENV)/bin/ruff check sarkit plugins tests bench
+	$(VENV)/bin/pytest -m ""
 
 demo: setup
 	$(VENV)/bin/sarkit demo -o demo-out

@@ -211,6 +211,7 @@ def test_seeded_split_from_one_folder_csv_and_records(cli, tmp_path):
     assert split["how"] == "seeded 3:1" and len(split["val"]) == 6  # round(2.5) = 2 a class
 
 
+@pytest.mark.slow
 def test_classify_under_deepspeed(tmp_path):
     """--deepspeed: the head trains through the loop's DeepSpeed engine (its own process)."""
     pytest.importorskip("deepspeed")

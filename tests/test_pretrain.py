@@ -89,6 +89,7 @@ def test_bad_input_is_one_line(tmp_path, cli):
     assert "fp8" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(records, tmp_path, cli):
     """Checkpointing recomputes each block in the backward pass with the RNG state of the
     forward (dropout alike), so the loss sequence equals the plain run's; the tolerance only
@@ -103,6 +104,7 @@ def test_gradient_checkpointing_gives_the_same_losses(records, tmp_path, cli):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_trains_close_to_fp32(records, tmp_path, cli, precision):
     """Autocast keeps 8 (bf16) or 11 (fp16, with a gradient scaler) significant bits, ~0.4%

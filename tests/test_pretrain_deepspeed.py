@@ -49,6 +49,7 @@ def run2(records, out, *extra) -> list[dict]:
     return rows(out)
 
 
+@pytest.mark.slow
 def test_zero2_and_zero3_match_ddp(tmp_path):
     records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 2))
     ddp = run2(records, tmp_path / "ddp")
@@ -128,6 +129,7 @@ class Sneaky:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_zero3_offload_matches_plain_pytorch(tmp_path, cli):
     """ZeRO-3 with parameters and optimizer state offloaded (DeepSpeedCPUAdam, JIT-built on
     first use) against plain PyTorch's AdamW, one process: both are fp32 Adam on the same

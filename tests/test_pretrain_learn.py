@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 
+import pytest
 import torch
 from conftest import shared
 from test_pretrain_data import mstar_records, write_jsonl
@@ -35,6 +36,7 @@ LEARN = [
 # The paper's MLM decoder only: the causal LM (the default adds it) costs ~1.5x the decoder
 # pass and is not what this test measures; the TINY runs of test_pretrain train both.
 STEPS = 300
+pytestmark = pytest.mark.slow  # 5-9 min: `make test-all`
 
 
 def held_out_losses(model, images, enc, codec, seed: int = 0) -> dict[str, float]:
