@@ -18,21 +18,14 @@ from sarkit.errors import UsageError
 
 
 def _finetune(head, values: dict) -> None:
-    from sarkit.commands.pretrain import check_output_folder
+    from sarkit.commands.pretrain import check_deepspeed, check_output_folder
     from sarkit.tasks.commandline import split_extra
     from sarkit.tasks.options import FinetuneOptions
 
     common, extra = split_extra(values, head, "finetune")
     output = Path(common.pop("output"))
     check_output_folder(output)
-    deepspeed = common.get("deepspeed")
-    if deepspeed:
-        from sarkit.train.engine import DS_PRESETS, import_deepspeed
-
-        if deepspeed not in DS_PRESETS and not Path(deepspeed).is_file():
-            known = ", ".join(DS_PRESETS)
-            raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
-        import_deepspeed()
+    check_deepspeed(common.get("deepspeed"))
     defaults = dict(getattr(head, "defaults", {}) or {})
     fields = {k: v for k, v in defaults.items() if k in FinetuneOptions.__dataclass_fields__}
     fields.update({k: v for k, v in common.items() if v is not None})

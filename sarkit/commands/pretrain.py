@@ -27,6 +27,19 @@ def check_output_folder(path: Path) -> None:
             break
 
 
+def check_deepspeed(spec: str | None) -> None:
+    """A --deepspeed value that is neither a preset nor a file, or DeepSpeed missing, is named
+    before any model is built (the training stages share this)."""
+    if not spec:
+        return
+    from sarkit.train.engine import DS_PRESETS, import_deepspeed
+
+    if spec not in DS_PRESETS and not Path(spec).is_file():
+        known = ", ".join(DS_PRESETS)
+        raise UsageError(f"--deepspeed {spec}: neither a preset ({known}) nor a JSON file")
+    import_deepspeed()
+
+
 def command(
     records: Path = typer.Argument(
         ..., help="Captioned records (JSON Lines with 'path', 'texts')."
@@ -179,13 +192,7 @@ def command(
         seed=seed,
         strict=strict,
     )
-    if deepspeed:
-        from sarkit.train.engine import DS_PRESETS, import_deepspeed
-
-        if deepspeed not in DS_PRESETS and not Path(deepspeed).is_file():
-            known = ", ".join(DS_PRESETS)
-            raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
-        import_deepspeed()
+    check_deepspeed(deepspeed)
     data = load_all(records, required=("id", "path"))
     # stdout carries records only: libraries (DeepSpeed's JIT builds, say) print there
     with contextlib.redirect_stdout(sys.stderr):

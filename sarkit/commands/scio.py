@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from sarkit import log, plugins
-from sarkit.commands.pretrain import check_output_folder
+from sarkit.commands.pretrain import check_deepspeed, check_output_folder
 from sarkit.errors import SarkitError, UsageError
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
@@ -142,13 +142,7 @@ def command(
         log_every=log_every,
         seed=seed,
     )
-    if deepspeed:
-        from sarkit.train.engine import DS_PRESETS, import_deepspeed
-
-        if deepspeed not in DS_PRESETS and not Path(deepspeed).is_file():
-            known = ", ".join(DS_PRESETS)
-            raise UsageError(f"--deepspeed {deepspeed}: neither a preset ({known}) nor a JSON file")
-        import_deepspeed()
+    check_deepspeed(deepspeed)
     data = load_all(records, required=("id", "path"))
     if heldout is not None and not heldout.is_file():
         raise SarkitError(f"--heldout {heldout}: no such file")
