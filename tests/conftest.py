@@ -75,3 +75,23 @@ def sarkit(*args: str, input: str | None = None, cwd: Path | None = None, env=No
 @pytest.fixture
 def cli():
     return sarkit
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """The command line run in this process (`sarkit.cli.run`, as a user's line): a fresh
+    interpreter per command would spend most of a fine-tuning test importing torch and timm.
+    Same call and result as `sarkit(...)`."""
+    import types
+
+    from sarkit import cli as sarkit_cli
+
+    def call(*args, check: int | None = None):
+        capsys.readouterr()
+        code = sarkit_cli.run([str(a) for a in args])
+        out, err = capsys.readouterr()
+        if check is not None:
+            assert code == check, err
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return call

@@ -6,13 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import types
 from pathlib import Path
 
 import pytest
 from conftest import shared
-
-from sarkit import cli as sarkit_cli
 
 CLASSES = ("0", "3", "7")
 TINY = [
@@ -22,19 +19,8 @@ TINY = [
 
 
 @pytest.fixture
-def cli(capsys):
-    """The command line run in this process (`sarkit.cli.run`, as a user's line): a fresh
-    interpreter per command would spend most of these tests importing torch and timm."""
-
-    def call(*args, check: int | None = None):
-        capsys.readouterr()
-        code = sarkit_cli.run([str(a) for a in args])
-        out, err = capsys.readouterr()
-        if check is not None:
-            assert code == check, err
-        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return call
+def cli(cli_in_process):
+    return cli_in_process
 
 
 def mstar_folders(dest: Path, train: int = 8, val: int = 4) -> Path:
