@@ -25,7 +25,7 @@ test: setup
 	$(VENV)/bin/ruff check sarkit plugins tests bench
 	$(VENV)/bin/pytest
 
-# everything, the long training runs (marked slow) too: about 45 min on 2 cores
+# everything, the long training runs (marked slow) too: about 25 min on 2 cores
 test-all: setup
 	$(VENV)/bin/ruff check sarkit plugins tests bench
 	$(VENV)/bin/pytest -m ""

@@ -39,15 +39,8 @@ def records(tmp_path_factory):
     return write_jsonl(path, mstar_records(shared("mstar"), "train", 2)[:16])
 
 
-IN_CI = {("zero2", "bf16"), ("zero3-offload", "bf16"), ("zero1", "fp16")}
-MATRIX = [
-    pytest.param(preset, precision, marks=() if (preset, precision) in IN_CI else pytest.mark.slow)
-    for preset in PRESETS
-    for precision in ("fp32", "bf16", "fp16")
-]  # the whole matrix runs under `make test-all`; CI runs the three configurations above
-
-
-@pytest.mark.parametrize(("preset", "precision"), MATRIX)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_in_precision(preset, precision, records, tmp_path, cli):
     if precision == "fp16" and not fp16_supported():
         proc = cli("pretrain", records, "-o", tmp_path / "run", *TINY, "--deepspeed", preset,

