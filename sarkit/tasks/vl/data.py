@@ -30,22 +30,14 @@ CAPTION_FIELD = "caption"
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a task's data file, each marked with its line (``_line``) so a skipped
+    one can be named; read by the records reader every stage uses."""
+    from sarkit.records import read_records
+
     path = Path(path)
     if not path.is_file():
         raise SarkitError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise SarkitError(f"{path}:{n}: not a JSON record") from None
-            if not isinstance(rec, dict):
-                raise SarkitError(f"{path}:{n}: not a JSON object")
-            rec["_line"] = n
-            rows.append(rec)
+    rows = [dict(item.record, _line=item.line) for item in read_records([str(path)], None, ())]
     if not rows:
         raise SarkitError(f"{path}: no records")
     return rows
