@@ -72,3 +72,20 @@ def check_file(path: str | os.PathLike | None, option: str, append: bool = False
                 pass
         except OSError as exc:
             raise OutputError(exc.errno or 0, f"{shown}: cannot append ({exc.strerror})") from None
+
+
+RUN_MARKERS = ("model.json", "config.json", "checkpoints")
+
+
+def check_new_run(path: str | os.PathLike, resume: str | None) -> None:
+    """A training run into a folder that already holds one continues it (`--resume`) or
+    stops: starting afresh there would overwrite its weights, checkpoints and metrics."""
+    folder = Path(path)
+    if resume or not folder.is_dir():
+        return
+    held = [name for name in RUN_MARKERS if (folder / name).exists()]
+    if held:
+        raise UsageError(
+            f"-o {path}: already holds a run ({', '.join(held)}); pass --resume latest to "
+            "continue it, or another -o (delete the folder to start over)"
+        )

@@ -149,7 +149,39 @@ def test_unwritable_run_folder_is_named_before_any_work(mstar20, tmp_path, cli):
     assert "file" in proc.stderr and "not a folder" in proc.stderr
 
 
+def test_text_model_typos_are_named_not_sent_to_the_hub(mstar20, tmp_path, cli):
+    path = write_jsonl(tmp_path / "r.jsonl", mstar20[:4])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for text, why in [
+        (tmp_path / "nothere", "no such folder"),
+        (tmp_path / "empty", "no config.json"),
+        (tmp_path / "file", "is a file"),
+    ]:
+        args = [*TINY[: TINY.index("--text")], "--text", text]
+        proc = cli("pretrain", path, "-o", tmp_path / "run", *args, check=1)
+        assert f"text model {text}: {why}" in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_deepspeed_output_stays_off_stdout(mstar20, tmp_path, cli):
+    pytest.importorskip("deepspeed")
+    path = write_jsonl(tmp_path / "r.jsonl", mstar20[:4])
+    (tmp_path / "ds.json").write_text('{"train_batch_size": ')
+    proc = cli("pretrain", path, "-o", tmp_path / "run", *TINY, "--deepspeed",
+               tmp_path / "ds.json", check=1)  # fmt: skip
+    assert "ds.json: not valid JSON" in proc.stderr
+    assert proc.stdout == ""  # DeepSpeed logs its accelerator line at import, to stdout
+
+
 # ---------------------------------------------------------------- run folder and --init
+
+
+def test_a_finished_run_is_never_trained_over(run, cli):
+    folder, records = run
+    before = (folder / "model.safetensors").read_bytes()
+    proc = cli("pretrain", records, "-o", folder, *TINY, "--max-steps", "1", check=2)
+    assert "already holds a run" in proc.stderr and "--resume latest" in proc.stderr
+    assert (folder / "model.safetensors").read_bytes() == before
 
 
 @pytest.fixture(scope="module")

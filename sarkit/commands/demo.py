@@ -13,7 +13,9 @@ from sarkit.errors import SarkitError
 
 
 def steps(out: Path) -> list[str]:
-    """The pipeline as a user would type it, one stage per line, files between stages."""
+    """The pipeline as a user would type it, one stage per line, files between stages; a
+    second demo into the same folder continues its pretraining run rather than refusing."""
+    resume = " --resume latest" if (out / "runs" / "pretrain").is_dir() else ""
     out = shlex.quote(str(out))  # type: ignore[assignment]
     scene = f"{out}/scene/pudong_synthetic.tif"
     return [
@@ -25,7 +27,7 @@ def steps(out: Path) -> list[str]:
         f"pretrain {out}/captioned.jsonl -o {out}/runs/pretrain --vision vit_tiny_patch16_224"
         " --image-size 64 --text-layers 2 --max-tokens 96 --embed-dim 128 --queue-size 256"
         " --batch-size 8 --epochs 3 --max-steps 20 --warmup-steps 5 --momentum 0.9"
-        " --workers 0 --save-every 10",
+        f" --workers 0 --save-every 10{resume}",
     ]
 
 

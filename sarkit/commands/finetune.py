@@ -19,12 +19,14 @@ from sarkit.errors import UsageError
 
 def _finetune(head, values: dict) -> None:
     from sarkit.commands.pretrain import check_deepspeed, check_output_folder
+    from sarkit.outputs import check_new_run
     from sarkit.tasks.commandline import split_extra
     from sarkit.tasks.options import FinetuneOptions
 
     common, extra = split_extra(values, head, "finetune")
     output = Path(common.pop("output"))
     check_output_folder(output)
+    check_new_run(output, common.get("resume"))
     check_deepspeed(common.get("deepspeed"))
     defaults = dict(getattr(head, "defaults", {}) or {})
     fields = {k: v for k, v in defaults.items() if k in FinetuneOptions.__dataclass_fields__}

