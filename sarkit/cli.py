@@ -37,6 +37,7 @@ COMMANDS = (
     "filter",
     "caption",
     "pretrain",
+    "shard",
     "scio",
     "finetune",
     "eval",

@@ -42,8 +42,10 @@ def check_deepspeed(spec: str | None) -> None:
 
 
 def command(
-    records: Path = typer.Argument(
-        ..., help="Captioned records (JSON Lines with 'path', 'texts')."
+    records: list[Path] = typer.Argument(
+        ...,
+        help="Captioned records (JSON Lines with 'path', 'texts'), or tar shards made by "
+        "`sarkit shard` (shards/*.tar). Texts are tokenised once and cached beside them.",
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder."),
     val: Path = typer.Option(
@@ -141,8 +143,8 @@ def command(
     ),
 ) -> None:
     """Pretrain the SAR-KnowLIP model; works under torchrun and the deepspeed launcher."""
-    from sarkit.records import load_all
     from sarkit.train.options import PretrainOptions
+    from sarkit.train.table import RecordFiles
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision}: use fp32, bf16 or fp16")
@@ -156,7 +158,7 @@ def command(
         raise SarkitError(f"--val {val}: no such file")
     options = PretrainOptions(
         output=output,
-        records_path=str(records),
+        records_path=str(records[0]),
         val_path=str(val) if val else None,
         eval_every=eval_every,
         vision=vision,
@@ -194,11 +196,16 @@ def command(
         seed=seed,
         strict=strict,
     )
+    if [str(p) for p in records] == ["-"]:  # records on stdin: read into memory
+        from sarkit.records import load_all
+
+        data = load_all("-", required=("id", "path"))
+    else:
+        data = RecordFiles(records)
     check_deepspeed(deepspeed)
-    data = load_all(records, required=("id", "path"))
     # stdout carries records only: libraries (DeepSpeed's JIT builds, say) print there
     with contextlib.redirect_stdout(sys.stderr):
         run_dir = plugins.get_manager().hook.sarkit_pretrain(records=data, options=options)
     if run_dir is None:
         raise UsageError("no plugin implements pretraining")
-    log.info(f"pretrained {len(data)} records -> {run_dir}")
+    log.info(f"pretrained -> {run_dir}")

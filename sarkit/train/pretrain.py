@@ -267,14 +267,16 @@ def resolve_init(spec: str) -> tuple[Path, Path, Path | None]:
 # ---------------------------------------------------------------- building it all
 
 
-def build(records: list[dict], options: PretrainOptions):
-    """(task, dataset, collate) for a pretraining or SCIO stage."""
+def build_task(options: PretrainOptions, fields: Any, stats: Any):
+    """(task, config): the model (new, or from --init) with its codec and momentum towers.
+
+    `fields()` and `stats(config)` are asked only for a new model: the segment order and
+    the tiles' pixel mean and standard deviation (from --init they come with the model).
+    """
     from sarkit.model.knowlip import KnowLIP, Momentum, run_config
     from sarkit.model.text import TextCodec
     from sarkit.model.weights import load_weights
-    from sarkit.train.data import Augment, ImageTextCollate, TileDataset, pixel_stats
 
-    base = Path(options.records_path).parent if options.records_path else None
     torch.manual_seed(options.seed)
     init = resolve_init(options.init) if options.init else None
     if init:
@@ -283,8 +285,8 @@ def build(records: list[dict], options: PretrainOptions):
         load_weights(model, init[1])
         log.info(f"initialised from {options.init} ({config.vision}, fields {config.fields})")
     else:
-        config = model_config(options, choose_fields(records, options.fields))
-        config.image_mean, config.image_std = pixel_stats(records, base)
+        config = model_config(options, fields())
+        config.image_mean, config.image_std = stats(config)
         model = KnowLIP(config)
     codec = TextCodec.from_pretrained(config.text, config.fields, config.max_tokens)
     if options.grad_checkpointing:
@@ -297,20 +299,91 @@ def build(records: list[dict], options: PretrainOptions):
 
         momentum.load_state_dict(load_file(str(init[2])), strict=True)
     task = KnowLIPTask(model, momentum, codec, options)
-    augment = Augment() if options.augment else None
+    if options.val_path:
+        task.heldout = heldout(options, config, codec)
+    return task, config
+
+
+def build(records: list[dict], options: PretrainOptions):
+    """(task, dataset, collate) over records in memory: SCIO's stages (their collate reads
+    the records' texts as they are rewritten)."""
+    from sarkit.train.data import Augment, ImageTextCollate, TileDataset, pixel_stats
+
+    base = Path(options.records_path).parent if options.records_path else None
+    task, config = build_task(
+        options,
+        lambda: choose_fields(records, options.fields),
+        lambda config: pixel_stats(records, base),
+    )
     dataset = TileDataset(
         records,
         config.image_size,
         base,
-        augment,
+        Augment() if options.augment else None,
         options.seed,
         config.image_mean,
         config.image_std,
         config.center_crop,
     )
-    if options.val_path:
-        task.heldout = heldout(options, config, codec)
-    return task, dataset, ImageTextCollate(dataset.records, codec)
+    return task, dataset, ImageTextCollate(dataset.records, task.codec)
+
+
+def build_pairs(source: Any, options: PretrainOptions):
+    """(task, dataset, collate) of `sarkit pretrain`: the record table (tokenised once and
+    cached beside the records, memory-mapped; see sarkit.train.table) and the batched
+    loader (sarkit.train.pairs). `source` is a RecordFiles (a JSON Lines file or tar
+    shards, streamed) or a list of records in memory."""
+    from sarkit.model.text import TextCodec
+    from sarkit.train.data import Augment
+    from sarkit.train.pairs import PairDataset, passthrough
+    from sarkit.train.table import RecordFiles, memory_table, open_table, unusable
+
+    name = options.records_path or "records"
+    files = isinstance(source, RecordFiles)
+    base = (
+        None if files and source.shards else (Path(name).parent if options.records_path else None)
+    )
+    state: dict[str, Any] = {}
+
+    def first_usable() -> dict:
+        for rec in source.records() if files else source:
+            if unusable(rec) is None:
+                return rec
+        return {}
+
+    def table(codec: Any):
+        if files:
+            return open_table(source.paths, source.items, codec, source.kind, name,
+                              options.strict, Path(options.output))  # fmt: skip
+        return memory_table(source, codec, name, options.strict)
+
+    def dataset(config: Any, codec: Any, mean: float, std: float) -> PairDataset:
+        return PairDataset(table(codec), config.image_size, base,
+                           Augment() if options.augment else None, options.seed, mean, std,
+                           config.center_crop, codec.pad_id)  # fmt: skip
+
+    def stats(config: Any) -> tuple[float, float]:
+        codec = TextCodec.from_pretrained(config.text, config.fields, config.max_tokens)
+        state["dataset"] = dataset(config, codec, 0.5, 0.5)
+        return state["dataset"].pixel_stats()
+
+    def fields() -> tuple[str, ...]:
+        first = first_usable()
+        if not first:
+            from sarkit.train.table import Skips
+
+            skips = Skips()
+            for rec in source.records() if files else source:
+                skips.add(unusable(rec) or "empty", str(rec.get("id")))
+            skips.report(name, 0, options.strict)
+        return choose_fields([first], options.fields)
+
+    task, config = build_task(options, fields, stats)
+    ds = state.get("dataset")  # built for the pixel statistics of a new model
+    if ds is None:
+        ds = dataset(config, task.codec, config.image_mean, config.image_std)
+    ds.mean, ds.std = config.image_mean, config.image_std
+    return task, ds, passthrough
 
 
 def heldout(options: PretrainOptions, config: Any, codec: Any):
@@ -328,13 +401,14 @@ def heldout(options: PretrainOptions, config: Any, codec: Any):
     return HeldOut(dataset, codec, options.batch_size)
 
 
-def pretrain(records: list[dict], options: PretrainOptions) -> Path:
-    """Train and return the run folder; the process group is torn down cleanly."""
+def pretrain(records: Any, options: PretrainOptions) -> Path:
+    """Train and return the run folder; the process group is torn down cleanly.
+
+    `records`: a list of records, or a ``sarkit.train.table.RecordFiles`` (a JSON Lines
+    file or tar shards, streamed into the cached record table, never all in memory)."""
     from sarkit.train.engine import teardown_distributed
     from sarkit.train.loop import Loop
 
-    source = options.records_path or "records"
-    records = usable_records(records, source, options.strict)
     if options.deepspeed:
         from sarkit.train.engine import deepspeed_config
         from sarkit.train.memory import return_freed_memory
@@ -343,7 +417,7 @@ def pretrain(records: list[dict], options: PretrainOptions) -> Path:
         if "offload_param" in zero or "offload_optimizer" in zero:
             return_freed_memory()  # before the model is built: see sarkit.train.memory
     try:
-        task, dataset, collate = build(records, options)
+        task, dataset, collate = build_pairs(records, options)
         loop = Loop(task, dataset, collate, options)
         task.rampup = (
             options.alpha_rampup_steps
