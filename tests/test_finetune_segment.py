@@ -83,7 +83,7 @@ def test_hrsid_colour_masks_and_bad_masks(cli, tmp_path):
     sea, ship = head["class_weights"]  # ships are rare: weighted up, the mean weight is 1
     assert ship > 10 * sea and abs((sea + ship) / 2 - 1) < 1e-6
     # a colour outside the palette, a colour mask without one, a bad palette
-    proc = cli("finetune", "segment", "--data", data, "-o", run, *TINY,
+    proc = cli("finetune", "segment", "--data", data, "-o", tmp_path / "r1", *TINY,
                "--palette", "0,0,0:sea;9,9,9:x")  # fmt: skip
     assert proc.returncode == 1 and "(0, 255, 0), not in --palette" in proc.stderr
     proc = cli("finetune", "segment", "--data", data, "-o", tmp_path / "r2", *TINY)
