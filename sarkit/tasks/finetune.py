@@ -32,7 +32,10 @@ def layer_decay_groups(
 
     No weight decay on biases, norms, position embeddings and class tokens.
     """
-    blocks = getattr(getattr(model, prefix.rstrip("."), None), "blocks", None)
+    try:  # the ViT may sit deeper than the top level (the detector's net.backbone.vit.)
+        blocks = getattr(model.get_submodule(prefix.rstrip(".")), "blocks", None)
+    except AttributeError:
+        blocks = None
     depth = len(blocks) if blocks is not None else 0
     groups: dict[tuple[bool, int], list] = {}
     for name, p in model.named_parameters():

@@ -11,9 +11,10 @@ from sarkit.plugins import hookimpl
 @hookimpl
 def sarkit_task_heads() -> list[Any]:
     from sarkit.tasks.classify import ClassifyHead
+    from sarkit.tasks.detect import DetectHead
     from sarkit.tasks.segment import SegmentHead
 
-    return [ClassifyHead(), SegmentHead()]
+    return [ClassifyHead(), DetectHead(), SegmentHead()]
 
 
 @hookimpl

@@ -1,0 +1,290 @@
+"""`sarkit finetune detect` / `sarkit eval detect` on real HRSID ships (boxes from masks, as
+COCO JSON, and as a VOC folder), every --head on a tiny ViT; pycocotools checked by hand;
+bad annotations named or counted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared
+from PIL import Image
+
+TINY = [
+    "--vision", "vit_tiny_patch16_224", "--image-size", "64", "--batch-size", "4",
+    "--workers", "0", "--log-every", "1", "--warmup-steps", "1", "--fpn-channels", "32",
+]  # fmt: skip
+
+
+@pytest.fixture
+def cli(cli_in_process):
+    return cli_in_process
+
+
+def hrsid_coco(cli, dest: Path, n: int = 6) -> Path:
+    """DEST/hrsid.coco.json over links to the first `n` HRSID scenes and their masks."""
+    root = shared("hrsid_mini")
+    for sub in ("images", "masks"):
+        (dest / sub).mkdir(parents=True)
+    for image in sorted((root / "images").iterdir())[:n]:
+        os.symlink(image, dest / "images" / image.name)
+        os.symlink(root / "masks" / f"{image.stem}.png", dest / "masks" / f"{image.stem}.png")
+    out = dest / "hrsid.coco.json"
+    cli("finetune", "build", "--boxes-from-masks", dest, "-o", out, check=0)
+    return out
+
+
+def eval_rows(run: Path) -> list[dict]:
+    with open(run / "eval.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------ metrics by hand
+
+
+def test_coco_map_by_hand():
+    """One image, two ships; detections ranked TP (IoU 1), false alarm, TP at IoU 0.625.
+
+    COCO's AP is the mean of the interpolated precision at 101 recall points. At IoU
+    thresholds <= 0.6 both ships are found: precision 1 up to recall 0.5, then 2/3 up to 1
+    (51 points at 1, 50 at 2/3). At 0.65 .. 0.95 (7 thresholds) only the first: 51 points
+    at 1, 50 at 0."""
+    from sarkit.tasks.metrics import detection
+
+    truth = {"boxes": np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), "labels": [1, 1],
+             "crowd": np.zeros(2, bool), "width": 100, "height": 100}  # fmt: skip
+    found = {"boxes": np.array([[0, 0, 10, 10], [80, 80, 90, 90], [50, 50, 60, 56.25]]),
+             "labels": [1, 1, 1], "scores": [0.9, 0.8, 0.7]}  # fmt: skip
+    out = detection([truth], [found], ["ship"])
+    both, one = (51 + 50 * 2 / 3) / 101, 51 / 101
+    assert out["metrics"]["map50"] == pytest.approx(both, abs=1e-9)
+    assert out["metrics"]["map"] == pytest.approx((3 * both + 7 * one) / 10, abs=1e-9)
+    assert out["metrics"]["map75"] == pytest.approx(one, abs=1e-9)
+    assert len(out["curves"]["ship"]) == 101 and out["curves"]["ship"][-1] == pytest.approx(2 / 3)
+    # no detection at all: 0, not an error; no ground truth: an error, not a 0
+    empty = {"boxes": np.zeros((0, 4)), "labels": [], "scores": []}
+    assert detection([truth], [empty], ["ship"])["metrics"]["map50"] == 0.0
+    bare = dict(truth, boxes=np.zeros((0, 4)), labels=[], crowd=np.zeros(0, bool))
+    with pytest.raises(Exception, match="mAP is undefined"):
+        detection([bare], [found], ["ship"])
+
+
+def test_match_and_oracle_predictions_in_image_pixels():
+    """Fig. 12's three kinds; and a perfect detector's boxes (in the model's square frame)
+    come back in each image's own, non-square pixels: mAP 1."""
+    from sarkit.tasks import detdata
+    from sarkit.tasks.detect import match, measure
+
+    truth = {"boxes": np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]], float),
+             "labels": np.array([1, 1, 1]), "crowd": np.array([False, False, True])}  # fmt: skip
+    boxes = [[0, 0, 10, 10], [80, 80, 90, 90], [20, 20, 30, 31], [50, 50, 60, 60]]
+    found = {"boxes": np.array(boxes, float), "labels": np.array([1, 1, 1, 1]),
+             "scores": np.array([0.9, 0.8, 0.7, 0.3])}  # fmt: skip
+    tp, fa, missed = match(truth, found, 0.5)
+    assert len(tp) == 1 and len(fa) == 1 and [list(m) for m in missed] == [[50, 50, 60, 60]]
+    assert [len(x) for x in match(truth, found, 0.2)] == [2, 1, 0]
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, boxes):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.boxes = boxes
+
+        def forward(self, images):
+            return [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.long),
+                     "scores": torch.ones(len(b))} for b in self.boxes[: len(images)]]  # fmt: skip
+
+    items = [detdata._item("a", Path("a"), 200, 100, [[10, 20, 50, 60]], [1], [False])]
+    cached = [detdata.Cached(items[0], torch.zeros(64, 64, dtype=torch.uint8), 200, 100)]
+    ds = detdata.BoxDataset(cached, 64, 0.5, 0.5, False)
+    _, boxes, _ = ds[0]  # the target in the model's frame
+    assert boxes[0].tolist() == pytest.approx([3.2, 12.8, 16.0, 38.4])
+    metrics = measure(Oracle([boxes]), ds, ["ship"])[0]["metrics"]
+    assert metrics["map50"] == pytest.approx(1.0) and metrics["map"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ real data, CLI
+
+
+def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
+    coco = hrsid_coco(cli, tmp_path / "hrsid")
+    run = tmp_path / "run"
+    args = ["finetune", "detect", "--data", coco, "-o", run, *TINY, "--epochs", "2",
+            "--seed", "3", "--head", "faster_rcnn", "--max-steps", "1"]  # fmt: skip
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.json", "split.json", "eval.csv", "metrics.csv", "best.safetensors",
+                 "last.safetensors", "results.json"):  # fmt: skip
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "detect" and config["init"] == {"kind": "random"}
+    assert config["head"]["kind"] == "faster_rcnn" and config["head"]["classes"] == ["ship"]
+    assert config["options"]["lr"] == 1e-4 and config["options"]["schedule"] == "multistep"
+    split = json.loads((run / "split.json").read_text())
+    assert split["how"] == "seeded 4:1" and len(split["train"]) == 5 and len(split["val"]) == 1
+    train_cols = open(run / "metrics.csv").readline().strip().split(",")
+    assert {"loss", "loss_classifier", "loss_objectness", "loss_rpn_box_reg"} <= set(train_cols)
+    # resumed to the end of 2 epochs (5 images, batch 4: 2 steps an epoch)
+    proc = cli(*args[:-2], "--resume", "latest")
+    assert proc.returncode == 0, proc.stderr
+    rows = eval_rows(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 4]
+    assert list(rows[0])[:6] == ["step", "epoch", "map50", "map", "map75", "ar100"]
+    # eval on the run's own data measures its held-out image: the run's last evaluation
+    proc = cli("eval", "detect", run, "--data", coco, "--drawn", "1", "--score-threshold",
+               "0.01", "--batch-size", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "1 images of" in proc.stderr and "the run's held-out split" in proc.stderr
+    record = json.loads(proc.stdout)
+    for key in ("map50", "map", "ar100"):
+        assert record["metrics"][key] == pytest.approx(float(rows[-1][key]), abs=1e-5)
+    drawn = list((run / "eval").glob("boxes_*.png"))
+    assert len(drawn) == 1 and Image.open(drawn[0]).size == (800, 800)
+    assert Image.open(drawn[0]).mode == "RGB"
+    assert (run / "eval" / "pr_curve.png").stat().st_size > 1000
+    counts = json.loads((run / "eval" / "detect_counts.json").read_text())
+    truth = json.loads(coco.read_text())
+    stem = Path(split["val"][0]).stem
+    iid = next(i["id"] for i in truth["images"] if Path(i["file_name"]).stem == stem)
+    ships = sum(1 for a in truth["annotations"] if a["image_id"] == iid)
+    assert counts["found"] + counts["missed"] == ships and counts["score_threshold"] == 0.01
+    # the compare table shows the detection columns
+    proc = cli("eval", "--compare", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "detect:map50" in proc.stdout + proc.stderr
+
+
+def voc_folder(coco: Path, dest: Path) -> Path:
+    """The COCO boxes as a VOC folder (1-based inclusive pixels), one box marked difficult,
+    with an ImageSets/Main train/val split."""
+    data = json.loads(coco.read_text())
+    (dest / "Annotations").mkdir(parents=True)
+    (dest / "JPEGImages").mkdir()
+    (dest / "ImageSets" / "Main").mkdir(parents=True)
+    stems = []
+    for k, image in enumerate(data["images"]):
+        src = (coco.parent / image["file_name"]).resolve()
+        os.symlink(src, dest / "JPEGImages" / src.name)
+        objects = ""
+        for j, a in enumerate(a for a in data["annotations"] if a["image_id"] == image["id"]):
+            x, y, w, h = a["bbox"]
+            difficult = int(k == 0 and j == 0)
+            objects += (f"<object><name>ship</name><difficult>{difficult}</difficult><bndbox>"
+                        f"<xmin>{x + 1:g}</xmin><ymin>{y + 1:g}</ymin><xmax>{x + w:g}</xmax>"
+                        f"<ymax>{y + h:g}</ymax></bndbox></object>")  # fmt: skip
+        (dest / "Annotations" / f"{src.stem}.xml").write_text(
+            f"<annotation><filename>{src.name}</filename><size><width>800</width>"
+            f"<height>800</height><depth>3</depth></size>{objects}</annotation>"
+        )
+        stems.append(src.stem)
+    (dest / "ImageSets" / "Main" / "train.txt").write_text("\n".join(stems[:4]) + "\n")
+    (dest / "ImageSets" / "Main" / "val.txt").write_text("\n".join(stems[4:]) + "\n")
+    return dest
+
+
+@pytest.mark.parametrize("head", ["retinanet", "fcos"])
+def test_voc_folder_and_heads(cli, tmp_path, head):
+    from sarkit.tasks import detdata
+
+    coco = hrsid_coco(cli, tmp_path / "hrsid", n=5)
+    voc = voc_folder(coco, tmp_path / "voc")
+    data = detdata.load(str(voc))
+    from_coco = detdata.load(str(coco))
+    assert data.categories == ["ship"] and data.split[2] == "given (ImageSets/Main val.txt)"
+    a, b = data.items[0], from_coco.items[0]
+    assert np.allclose(a.boxes, b.boxes) and a.crowd[0] and not a.crowd[1:].any()
+    # a sarkit run folder as the init (its export/), as pretraining writes it
+    from safetensors.torch import save_file
+
+    from sarkit.model.vision import build_vision
+
+    init = tmp_path / "pretrained" / "export"
+    init.mkdir(parents=True)
+    vit = build_vision("vit_tiny_patch16_224", 32)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()},
+              str(init / "vision.safetensors"))  # fmt: skip
+    meta = {"timm_name": "vit_tiny_patch16_224", "img_size": 32, "mean": [0.3], "std": [0.2]}
+    (init / "vision.json").write_text(json.dumps(meta))
+    run = tmp_path / "run"
+    if head == "fcos":  # its GroupNorm(32) cannot normalise a 1x1 stride-64 level of 32
+        proc = cli("finetune", "detect", "--data", voc, "-o", run, *TINY, "--head", head)
+        assert proc.returncode == 1 and "give --fpn-channels 64 or more" in proc.stderr
+    proc = cli("finetune", "detect", "--data", voc, "-o", run, *TINY, "--head", head,
+               "--max-steps", "1", "--init", init.parent, "--precision", "bf16",
+               "--fpn-channels", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"]["kind"] == head and config["head"]["layer_decay"] == 0.7
+    assert config["init"]["kind"] == "run" and config["vision"]["mean"] == 0.3
+    split = json.loads((run / "split.json").read_text())
+    assert split["how"] == "given (ImageSets/Main val.txt)" and len(split["val"]) == 1
+    losses = {"retinanet": "bbox_regression", "fcos": "bbox_ctrness"}[head]
+    assert losses in open(run / "metrics.csv").readline()
+    assert float(eval_rows(run)[-1]["map50"]) >= 0.0
+    if head == "fcos":
+        return
+    # eval on the run's VOC folder: its val split; a class the run does not know is an error
+    proc = cli("eval", "detect", run, "--data", voc, "--drawn", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "given (ImageSets/Main val.txt)" in proc.stderr
+    assert not list((run / "eval").glob("boxes_*.png"))
+    xml = next((voc / "Annotations").glob("*.xml"))
+    xml.write_text(xml.read_text().replace("<name>ship</name>", "<name>tanker</name>", 1))
+    proc = cli("eval", "detect", run, "--data", voc)
+    assert proc.returncode == 1 and "classes ['tanker'] are not among the run's" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_annotations_are_counted_or_named(cli, tmp_path):
+    coco = hrsid_coco(cli, tmp_path / "hrsid", n=8)
+    data = json.loads(coco.read_text())
+    images = data["images"]
+    (tmp_path / "hrsid" / "empty.jpg").write_bytes(b"")
+    images[0]["file_name"] = "images/gone.jpg"  # missing file
+    images[1]["file_name"] = "empty.jpg"  # unreadable
+    first = {im["id"]: next(a for a in data["annotations"] if a["image_id"] == im["id"])
+             for im in images[2:5]}  # fmt: skip
+    first[images[2]["id"]]["bbox"] = [790.0, 10.0, 30.0, 10.0]  # outside the 800 x 800 image
+    first[images[3]["id"]]["bbox"] = [10.0, 10.0, 0.0, 5.0]  # zero area
+    first[images[4]["id"]]["category_id"] = 7  # not in the categories
+    data["annotations"].append({"id": 999, "image_id": 12345, "category_id": 1,
+                                "bbox": [1, 1, 2, 2]})  # fmt: skip
+    bad = tmp_path / "bad.coco.json"
+    bad.write_text(json.dumps(data))
+    os.symlink(tmp_path / "hrsid" / "images", tmp_path / "images")
+    os.symlink(tmp_path / "hrsid" / "empty.jpg", tmp_path / "empty.jpg")
+    run = tmp_path / "run"
+    proc = cli("finetune", "detect", "--data", bad, "-o", run, *TINY, "--max-steps", "1",
+               "--val-fraction", "0.34")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "skipped 4 image(s); first: " in err and "images/gone.jpg: no such file" in err
+    assert "1 annotation(s) refer to no image entry" in err
+    assert "skipped 1 image(s); first: " in err and "empty.jpg" in err  # unreadable, at read
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 3
+    from sarkit.tasks import detdata
+
+    skipped = detdata.load(str(bad)).skipped
+    assert len(skipped) == 4 and any("zero area" in s for s in skipped)
+    assert any("box [790, 10, 820, 20] lies outside the 800x800 image" in s for s in skipped)
+    assert any("category id 7 is not in the categories list" in s for s in skipped)
+    assert any("gone.jpg: no such file" in s for s in skipped)
+    # whole-file problems: one line naming the file, no traceback
+    (tmp_path / "notjson.json").write_text("{nope")
+    del data["annotations"][0]["bbox"]
+    (tmp_path / "nobox.json").write_text(json.dumps(data))
+    cases = [(tmp_path / "notjson.json", "not a COCO annotation file"),
+             (tmp_path / "nobox.json", "lacks image_id, category_id or a 4-number bbox"),
+             (tmp_path / "nowhere.json", "no such file or folder")]  # fmt: skip
+    for path, message in cases:
+        proc = cli("finetune", "detect", "--data", path, "-o", tmp_path / "r2", *TINY)
+        assert proc.returncode == 1 and message in proc.stderr and str(path) in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = cli("finetune", "detect", "--data", coco, "-o", tmp_path / "r3", *TINY[:-1], "40")
+    assert proc.returncode == 2 and "a multiple of 32" in proc.stderr
