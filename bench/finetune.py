@@ -1,17 +1,20 @@
 """Benchmark the fine-tuning heads: training images/s through the shared loop against a bare
 forward/backward loop of the same model, and evaluation images/s.
 
-    .venv/bin/python bench/finetune.py [--tasks classify,segment] [--steps 20] [--repeat 3]
+    .venv/bin/python bench/finetune.py [--tasks classify,segment,detect] [--steps 20] [--repeat 3]
 
 For each head the real data of ../shared/data is prepared by the head itself (MSTAR chips for
-classify, PolSF tiles for segment), then, in this one process and with the same seed:
+classify, PolSF tiles for segment, HRSID ships for detect: boxes from its masks through
+`finetune build --boxes-from-masks`, Faster R-CNN on the ViTDet pyramid), then, in this one
+process and with the same seed:
   bare   batches collated beforehand and kept in memory; forward, backward, fused AdamW step
   loop   sarkit.train.loop.Loop over the head's dataset (DataLoader, augmentation, lr
          schedule, logging, CSV, TensorBoard; evaluation switched off), images/s from its
          per-step timings in metrics.csv (the first 2 steps are warm-up)
 Overhead = bare / loop - 1 (target <= 10 %). Rounds alternate (--repeat) and medians are
 compared, so a change of load on a shared machine hits both alike. eval img/s: the held-out
-pass the head runs each epoch (classify: batched softmax; segment: tiled whole images).
+pass the head runs each epoch (classify: batched softmax; segment: tiled whole images;
+detect: detections of whole images, without the pycocotools scoring).
 """
 
 from __future__ import annotations
@@ -34,19 +37,33 @@ SETUPS = {
     # task: data, extra head options, image size, batch
     "classify": ("mstar", {"center_crop": 0.6875, "pool": "mean", "label_smoothing": 0.1}, 64, 32),
     "segment": ("polsf_airsar", {"ignore_index": 0, "tile": 128, "decoder_layers": 2}, 64, 8),
+    "detect": ("hrsid_mini", {"head": "faster_rcnn", "fpn_channels": 64}, 128, 4),
 }
+
+
+def data_path(task: str, tmp: Path) -> str:
+    """The head's --data: the shared folder, or for detect the COCO boxes built from it."""
+    data = SHARED / SETUPS[task][0]
+    if task != "detect":
+        return str(data)
+    from sarkit.tasks.boxes import build_coco
+
+    out = tmp / "hrsid.coco.json"
+    if not out.exists():
+        build_coco(data, out)
+    return str(out)
 
 
 def options(task: str, out: Path, steps: int):
     from sarkit.tasks import registry
     from sarkit.tasks.options import FinetuneOptions
 
-    data, extra, size, batch = SETUPS[task]
+    _, extra, size, batch = SETUPS[task]
     head = registry.head(task)
     fields = {k: v for k, v in head.defaults.items() if k in FinetuneOptions.__dataclass_fields__}
     fields.update(image_size=size, batch_size=batch, max_steps=steps, workers=2, log_every=1,
                   save_every=10**9, warmup_steps=2)  # fmt: skip
-    return head, FinetuneOptions(output=out, task=task, data=str(SHARED / data),
+    return head, FinetuneOptions(output=out, task=task, data=data_path(task, out.parent),
                                  extra=dict(extra), **fields)  # fmt: skip
 
 
@@ -97,6 +114,15 @@ def eval_rate(task: str, prepared, opts) -> float:
         t = time.perf_counter()
         predict(model, subset, 128)
         return n / (time.perf_counter() - t)
+    if task == "detect":
+        from sarkit.tasks.detdata import BoxDataset
+        from sarkit.tasks.detect import predict
+
+        ds = prepared.dataset
+        held = BoxDataset(ds.cached[:16], ds.size, ds.mean, ds.std, train=False)
+        t = time.perf_counter()
+        predict(model, held, 8)
+        return len(held) / (time.perf_counter() - t)
     from sarkit.tasks.segment import predict_image
 
     ds = prepared.dataset
@@ -108,7 +134,7 @@ def eval_rate(task: str, prepared, opts) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="classify,segment")
+    parser.add_argument("--tasks", default="classify,segment,detect")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
