@@ -115,7 +115,8 @@ def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
     coco = hrsid_coco(cli, tmp_path / "hrsid")
     run = tmp_path / "run"
     args = ["finetune", "detect", "--data", coco, "-o", run, *TINY, "--epochs", "2",
-            "--seed", "3", "--head", "faster_rcnn", "--max-steps", "1"]  # fmt: skip
+            "--seed", "3", "--head", "faster_rcnn", "--layer-decay", "0.8",
+            "--max-steps", "1"]  # fmt: skip
     proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
     for name in ("config.json", "split.json", "eval.csv", "metrics.csv", "best.safetensors",
@@ -124,6 +125,7 @@ def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "detect" and config["init"] == {"kind": "random"}
     assert config["head"]["kind"] == "faster_rcnn" and config["head"]["classes"] == ["ship"]
+    assert config["head"]["layer_decay"] == 0.8
     assert config["options"]["lr"] == 1e-4 and config["options"]["schedule"] == "multistep"
     split = json.loads((run / "split.json").read_text())
     assert split["how"] == "seeded 4:1" and len(split["train"]) == 5 and len(split["val"]) == 1
@@ -214,20 +216,23 @@ def test_voc_folder_and_heads(cli, tmp_path, head):
     if head == "fcos":  # its GroupNorm(32) cannot normalise a 1x1 stride-64 level of 32
         proc = cli("finetune", "detect", "--data", voc, "-o", run, *TINY, "--head", head)
         assert proc.returncode == 1 and "give --fpn-channels 64 or more" in proc.stderr
+    held = ["--val-data", coco] if head == "fcos" else []  # COCO held out for a VOC run
     proc = cli("finetune", "detect", "--data", voc, "-o", run, *TINY, "--head", head,
                "--max-steps", "1", "--init", init.parent, "--precision", "bf16",
-               "--fpn-channels", "64")  # fmt: skip
+               "--fpn-channels", "64", *held)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     config = json.loads((run / "config.json").read_text())
     assert config["head"]["kind"] == head and config["head"]["layer_decay"] == 0.7
     assert config["init"]["kind"] == "run" and config["vision"]["mean"] == 0.3
     split = json.loads((run / "split.json").read_text())
-    assert split["how"] == "given (ImageSets/Main val.txt)" and len(split["val"]) == 1
     losses = {"retinanet": "bbox_regression", "fcos": "bbox_ctrness"}[head]
     assert losses in open(run / "metrics.csv").readline()
     assert float(eval_rows(run)[-1]["map50"]) >= 0.0
     if head == "fcos":
+        assert split["how"] == "given (--val-data)" and len(split["val"]) == 5
+        assert len(split["train"]) == 5
         return
+    assert split["how"] == "given (ImageSets/Main val.txt)" and len(split["val"]) == 1
     # eval on the run's VOC folder: its val split; a class the run does not know is an error
     proc = cli("eval", "detect", run, "--data", voc, "--drawn", "0")
     assert proc.returncode == 0, proc.stderr
