@@ -41,6 +41,8 @@ COMMANDS = (
     "scio",
     "finetune",
     "eval",
+    "embed",
+    "search",
 )
 
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--debug": "debug"}

@@ -97,6 +97,29 @@ class DataBuilder(Protocol):
         """Write `output` (atomically); return a one-line summary for stderr."""
 
 
+@runtime_checkable
+class IndexBackend(Protocol):
+    """How `sarkit search` ranks an index's vectors (``sarkit embed --backend NAME``).
+
+    Vectors are unit-length float32 rows, so inner product = cosine similarity. ``build``
+    runs once at the end of `sarkit embed` over every vector and writes its own files into
+    `folder` (numpy or safetensors, never pickle); it returns JSON-able settings the index
+    manifest keeps. ``open`` makes a searcher at query time: ``searcher.search(queries
+    (q, d), k, allowed)`` returns (scores, indices), each (q, k), best first, -1 where fewer
+    than k were found; ``allowed`` is None or an (n,) bool mask of the tiles the filters
+    keep. ``searcher.exact`` says whether the ranking is exact.
+    """
+
+    name: str
+    summary: str
+
+    def build(self, vectors: Any, folder: Path) -> dict:
+        """Build the structure over `vectors` into `folder`; its settings."""
+
+    def open(self, vectors: Any, folder: Path, settings: dict) -> Any:
+        """A searcher over `vectors` from what ``build`` wrote."""
+
+
 # --------------------------------------------------------------------------------------
 # Registries: what users swap by installing a plugin.
 # --------------------------------------------------------------------------------------
@@ -169,6 +192,18 @@ def sarkit_data_builders() -> list[DataBuilder]:
     whose ``trigger`` option is given runs (exactly one per call). Built-in:
     ``--boxes-from-masks MASKDIR`` (COCO JSON from ship masks). Collected; same name
     replaces.
+    """
+
+
+@hookspec
+def sarkit_index_backends() -> list[IndexBackend]:
+    """Contribute vector index backends for ``sarkit embed`` / ``sarkit search``.
+
+    Called when an index is built (end of ``embed``) or opened (``search``). Return
+    :class:`IndexBackend` objects. Built-in: ``exact`` (a numpy scan) and ``faiss-ivf``
+    (FAISS IndexIVFFlat, nprobe calibrated to recall@10 >= 0.95); ``embed --backend auto``
+    takes ``faiss-ivf`` from ``sarkit.search.backends.AUTO_MIN`` vectors. Collected; a later
+    plugin's backend with the same name replaces the earlier one.
     """
 
 
@@ -250,4 +285,28 @@ def sarkit_eval(task: str, options: Any) -> dict | None:
     Called once per ``sarkit eval TASK RUN`` with a ``sarkit.tasks.options.EvalOptions``;
     the built-in implementation reloads the run with its head (``head.evaluate``), draws the
     figures and writes ``eval/TASK.json``.
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_embed(options: Any, report: Any) -> Path | None:
+    """Embed tile records into a search index folder; return the folder.
+
+    Called once per ``sarkit embed`` with a ``sarkit.search.embed.EmbedOptions`` (record
+    files, ``output``, ``run``, batch size, reader threads, chunk size, backend name) and a
+    ``sarkit.report.Report`` (unreadable tiles are errors, counted, and skipped). The
+    built-in (``sarkit.search.embed``, ``trylast``) stores the run's normalised ITC vectors,
+    the records and the model's identity, resumably.
+    """
+
+
+@hookspec(firstresult=True)
+def sarkit_search(options: Any, report: Any) -> tuple[list[dict], Any] | None:
+    """Rank an index for a text or a tile; return (hits, the ``sarkit.search.archive.Archive``).
+
+    Called once per ``sarkit search`` with a ``sarkit.search.query.SearchOptions`` (query
+    text or ``like`` tile, k, filters, ``rerank``). Hits are the stored records with
+    ``score`` and ``rank`` (and ``itc``/``itm`` when re-ranked), best first; the CLI writes
+    them, the GeoJSON and the contact sheet. The built-in (``sarkit.search.query``) is
+    ``trylast``.
     """

@@ -36,6 +36,7 @@ BUILTINS = (
     "sarkit.scio.plugin",
     "sarkit.tasks.plugin",
     "sarkit.tasks.vl.plugin",
+    "sarkit.search.plugin",
 )
 
 

@@ -32,20 +32,27 @@ class ContactSheet:
     seed: int = 0
     counts: Counter = field(default_factory=Counter)
     samples: dict[str, list[dict]] = field(default_factory=dict)
+    title: str = "sarkit filter"
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def add(self, record: dict) -> None:
+    def add(
+        self,
+        record: dict,
+        group: str | None = None,
+        score: float | None = None,
+        path: str | None = None,
+    ) -> None:
+        """Sample a record into its group: kept / dropped per reason (filter), or the one
+        `group` given (search's hits, with their `score` and resolved tile `path`)."""
         quality = record.get("quality") or {}
-        group = "kept" if quality.get("keep", True) else f"dropped: {quality.get('reason')}"
+        if group is None:
+            group = "kept" if quality.get("keep", True) else f"dropped: {quality.get('reason')}"
+            score = quality.get("score")
         self.counts[group] += 1
         slot = self.samples.setdefault(group, [])
-        item = {
-            "id": str(record.get("id")),
-            "path": record.get("path"),
-            "score": quality.get("score"),
-        }
+        item = {"id": str(record.get("id")), "path": path or record.get("path"), "score": score}
         n = self.counts[group]
         if len(slot) < self.per_group:
             slot.append(item)
@@ -72,13 +79,13 @@ class ContactSheet:
         sheet = Image.new("RGB", (width, height), (24, 24, 24))
         draw = ImageDraw.Draw(sheet)
         if not rows:
-            draw.text((PAD, PAD), "sarkit filter: no records", fill=(230, 230, 230))
+            draw.text((PAD, PAD), f"{self.title}: no records", fill=(230, 230, 230))
         y = PAD
         for kind, payload in rows:
             if kind == "header":
                 g = payload
                 shown = len(self.samples[g])
-                colour = KEEP_RGB if g == "kept" else DROP_RGB
+                colour = DROP_RGB if g.startswith("dropped") else KEEP_RGB
                 text = f"{g}: {self.counts[g]} tile(s)" + (
                     f", {shown} shown" if shown < self.counts[g] else ""
                 )

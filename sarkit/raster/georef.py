@@ -98,7 +98,8 @@ class GeoJSONWriter:
         self._fh.write('{"type": "FeatureCollection", "features": [\n')
         return self
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, extra: dict | None = None) -> None:
+        """One footprint; `extra` adds properties (search: score and rank)."""
         geo = record["geo"]
         place = geo.get("place") or {}
         feature = {
@@ -113,6 +114,7 @@ class GeoJSONWriter:
                 "path": record.get("path"),
                 "place": place.get("name"),
                 "country": place.get("country"),
+                **(extra or {}),
             },
         }
         self._fh.write(("" if self._first else ",\n") + json.dumps(feature))

@@ -52,6 +52,26 @@ def encode_gallery(lip: Any, codec: Any, rows: Sequence[dict], base: Path, batch
 
 
 @torch.no_grad()
+def itm_pair_logits(
+    lip: Any,
+    tokens: torch.Tensor,
+    enc: Any,
+    img_idx: torch.Tensor,
+    txt_idx: torch.Tensor,
+    batch: int = 64,
+) -> torch.Tensor:
+    """ITM match logits of the pairs (image img_idx[j], text txt_idx[j]), in batches, each
+    batch's texts cut to its widest (shared by itm_rerank and `sarkit search --rerank`)."""
+    out = []
+    for s in range(0, len(img_idx), batch):
+        ii, tt = img_idx[s : s + batch], txt_idx[s : s + batch]
+        ids, mask = enc.input_ids[tt], enc.attention_mask[tt]
+        width = int(mask.sum(1).max())
+        out.append(lip.itm_logits(tokens[ii], ids[:, :width], mask[:, :width])[:, 1])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
 def itm_rerank(
     lip: Any, tokens: torch.Tensor, enc: Any, sim: torch.Tensor, k: int, batch: int = 64
 ) -> tuple[np.ndarray, int]:
@@ -68,13 +88,7 @@ def itm_rerank(
     pairs = 0
 
     def score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-        out = []
-        for s in range(0, len(img_idx), batch):
-            ii, tt = img_idx[s : s + batch], txt_idx[s : s + batch]
-            ids, mask = enc.input_ids[tt], enc.attention_mask[tt]
-            width = int(mask.sum(1).max())
-            out.append(lip.itm_logits(tokens[ii], ids[:, :width], mask[:, :width])[:, 1])
-        return torch.cat(out)
+        return itm_pair_logits(lip, tokens, enc, img_idx, txt_idx, batch)
 
     kt = min(k, n_txt)
     top = sim.topk(kt, dim=1).indices
