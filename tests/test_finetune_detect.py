@@ -142,6 +142,7 @@ def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
                "0.01", "--batch-size", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "1 images of" in proc.stderr and "the run's held-out split" in proc.stderr
+    assert "at score >= 0.01: " in proc.stderr and " false alarms, " in proc.stderr
     record = json.loads(proc.stdout)
     for key in ("map50", "map", "ar100"):
         assert record["metrics"][key] == pytest.approx(float(rows[-1][key]), abs=1e-5)

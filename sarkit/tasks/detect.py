@@ -474,6 +474,7 @@ class DetectHead:
             counts += [len(x) for x in m]
             matched.append(m)
         tp, fa, missed = (int(v) for v in counts)
+        log.info(f"at score >= {threshold:g}: {tp} found, {fa} false alarms, {missed} missed")
         table = [(f"at score >= {threshold:g}", f"{tp} found, {fa} false alarms, {missed} missed"),
                  ("images", str(len(cached)))]  # fmt: skip
         k = int(options.extra.get("drawn") if options.extra.get("drawn") is not None else 4)
