@@ -115,7 +115,7 @@ def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
     coco = hrsid_coco(cli, tmp_path / "hrsid")
     run = tmp_path / "run"
     args = ["finetune", "detect", "--data", coco, "-o", run, *TINY, "--epochs", "2",
-            "--seed", "3", "--head", "faster_rcnn", "--layer-decay", "0.8",
+            "--seed", "3", "--head", "faster_rcnn", "--layer-decay", "0.8", "--anchor-scale", "2",
             "--max-steps", "1"]  # fmt: skip
     proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
@@ -125,7 +125,7 @@ def test_hrsid_faster_rcnn_run_folder_resume_eval_compare(cli, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "detect" and config["init"] == {"kind": "random"}
     assert config["head"]["kind"] == "faster_rcnn" and config["head"]["classes"] == ["ship"]
-    assert config["head"]["layer_decay"] == 0.8
+    assert config["head"]["layer_decay"] == 0.8 and config["head"]["anchor_scale"] == 2.0
     assert config["options"]["lr"] == 1e-4 and config["options"]["schedule"] == "multistep"
     split = json.loads((run / "split.json").read_text())
     assert split["how"] == "seeded 4:1" and len(split["train"]) == 5 and len(split["val"]) == 1

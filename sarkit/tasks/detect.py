@@ -5,7 +5,8 @@ last (stride-16) feature map alone: strides 4 and 8 by transposed convolutions, 
 32 by max pooling, each then a 1x1 and a 3x3 convolution with LayerNorm, plus a stride-64
 level pooled from stride 32 (detectron2's LastLevelMaxPool). torchvision's Faster R-CNN,
 RetinaNet or FCOS (``--head``) run on that pyramid. Anchors scale with the strides (4 x the
-stride for Faster R-CNN and RetinaNet, the stride for FCOS, as torchvision's COCO models).
+stride for Faster R-CNN and RetinaNet, as torchvision's COCO models, or ``--anchor-scale``;
+the stride for FCOS, whose size ranges per level follow from it).
 torchvision's own resize and ImageNet normalisation are switched off: the images come square
 at ``--image-size`` and normalised with the SAR statistics of the init or the data.
 
@@ -27,7 +28,7 @@ from torch import nn
 from sarkit import log
 from sarkit.errors import SarkitError
 from sarkit.hookspecs import HeadOption
-from sarkit.ranges import FRACTION
+from sarkit.ranges import FRACTION, POSITIVE
 from sarkit.tasks import EvalResult, Prepared, Split
 
 HEADS = ("faster_rcnn", "retinanet", "fcos")
@@ -104,8 +105,11 @@ def _fixed_transform(size: int):
     return Fixed(size, size, [0.0], [1.0], size_divisible=1)
 
 
-def build_detector(vit: nn.Module, head: str, classes: int, size: int, channels: int) -> nn.Module:
-    """torchvision's `head` on ViTDet's pyramid; `classes` object classes (+ background)."""
+def build_detector(
+    vit: nn.Module, head: str, classes: int, size: int, channels: int, anchor_scale: float = 4.0
+) -> nn.Module:
+    """torchvision's `head` on ViTDet's pyramid; `classes` object classes (+ background);
+    anchors of `anchor_scale` x each level's stride (Faster R-CNN, RetinaNet)."""
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
@@ -122,7 +126,8 @@ def build_detector(vit: nn.Module, head: str, classes: int, size: int, channels:
     if head == "faster_rcnn":
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-        anchors = AnchorGenerator(tuple((4 * s,) for s in strides), ((0.5, 1.0, 2.0),) * 5)
+        sizes = tuple((anchor_scale * s,) for s in strides)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
         pool = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2)
         width = 4 * channels  # torchvision's 1024 at ViTDet's 256 channels
         model = FasterRCNN(
@@ -136,7 +141,7 @@ def build_detector(vit: nn.Module, head: str, classes: int, size: int, channels:
             max_size=size,
         )
     elif head == "retinanet":
-        scales = tuple(tuple(4 * s * 2 ** (i / 3) for i in range(3)) for s in strides)
+        scales = tuple(tuple(anchor_scale * s * 2 ** (i / 3) for i in range(3)) for s in strides)
         anchors = AnchorGenerator(scales, ((0.5, 1.0, 2.0),) * 5)
         model = RetinaNet(pyramid, anchor_generator=anchors, score_thresh=0.05,
                           detections_per_img=100, **common)  # fmt: skip
@@ -153,9 +158,10 @@ class Detector(nn.Module):
     """The torchvision detector behind the loop's calling convention: training forward gives
     ``{"loss": sum of the head's losses, each loss}``; eval forward the detections."""
 
-    def __init__(self, vit: nn.Module, head: str, classes: int, size: int, channels: int):
+    def __init__(self, vit: nn.Module, head: str, classes: int, size: int, channels: int,
+                 anchor_scale: float = 4.0):  # fmt: skip
         super().__init__()
-        self.net = build_detector(vit, head, classes, size, channels)
+        self.net = build_detector(vit, head, classes, size, channels, anchor_scale)
 
     def forward(
         self,
@@ -321,6 +327,13 @@ class DetectHead:
             "--fpn-channels", "Channels of the feature pyramid (a multiple of 32).", 256, _channels
         ),  # fmt: skip
         HeadOption(
+            "--anchor-scale",
+            "Anchor side as a multiple of each level's stride, Faster R-CNN and RetinaNet "
+            "(4 as torchvision's COCO models; 2 for ships of a few pixels).",
+            4.0,
+            POSITIVE,
+        ),
+        HeadOption(
             "--layer-decay",
             "Layer-wise lr decay of the ViT (default 0.7 from a pretrained init, as ViTDet's "
             "ViT-B; 1.0 from random).",
@@ -390,7 +403,8 @@ class DetectHead:
         channels = int(extra.get("fpn_channels") or 256)
         torch.manual_seed(options.seed)
         vit = build_backbone(spec, weights, options.drop_path)
-        model = Detector(vit, head, len(data.categories), size, channels)
+        anchor_scale = float(extra.get("anchor_scale") or 4.0)
+        model = Detector(vit, head, len(data.categories), size, channels, anchor_scale)
         decay = extra.get("layer_decay")
         if decay is None:
             decay = 1.0 if spec.provenance["kind"] == "random" else 0.7
@@ -419,7 +433,7 @@ class DetectHead:
             "init": spec.provenance,
             "vision": spec.to_dict(),
             "head": {"kind": head, "classes": classes, "fpn_channels": channels,
-                     "layer_decay": decay, "data_kind": data.kind,
+                     "anchor_scale": anchor_scale, "layer_decay": decay, "data_kind": data.kind,
                      "data": str(Path(options.data).resolve())},
         }  # fmt: skip
         split = Split([str(c.item.path) for c in tr_cached], [str(c.item.path) for c in va_cached],
@@ -457,8 +471,8 @@ class DetectHead:
         if not cached:
             raise SarkitError(f"--data {source}: no usable image to measure")
         log.info(f"eval detect: {len(cached)} images of {source} ({how})")
-        model = Detector(_untrained_vit(spec), head["kind"], len(classes), spec.image_size,
-                         int(head["fpn_channels"]))  # fmt: skip
+        shape = (int(head["fpn_channels"]), float(head.get("anchor_scale", 4.0)))
+        model = Detector(_untrained_vit(spec), head["kind"], len(classes), spec.image_size, *shape)
         load_weights(model, runfolder.weights_path(run, options.weights))
         dataset = detdata.BoxDataset(cached, spec.image_size, spec.mean, spec.std, False)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
