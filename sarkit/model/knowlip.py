@@ -335,19 +335,20 @@ class KnowLIP(nn.Module):
         with torch.no_grad():
             img_feat_all = gather(img_feat)
             txt_feat_all = gather(txt_feat)
-            own = torch.arange(b, device=img_tokens.device) + rank * b
+            rows = torch.arange(b, device=img_tokens.device)
+            own = rows + rank * b
             w_i2t = F.softmax(img_feat @ txt_feat_all.T / temp, dim=1)
             w_t2i = F.softmax(txt_feat @ img_feat_all.T / temp, dim=1)
             same = groups[:, None] == groups_all[None, :]
-            same[torch.arange(b), own] = True
+            same[rows, own] = True
             w_i2t = (torch.nan_to_num(w_i2t) + 1e-12).masked_fill(same, 0.0)
             w_t2i = (torch.nan_to_num(w_t2i) + 1e-12).masked_fill(same, 0.0)
             # a row whose every other sample shares its group: any other sample will do
-            for w in (w_i2t, w_t2i):
-                empty = w.sum(1) == 0
-                if empty.any():
-                    w[empty] = 1.0
-                    w[torch.arange(b, device=w.device)[empty], own[empty]] = 0.0
+            # (chosen with torch.where, not `if empty.any()`: no host sync per step)
+            anyone = torch.ones_like(w_i2t)
+            anyone[rows, own] = 0.0
+            w_i2t = torch.where((w_i2t.sum(1) == 0)[:, None], anyone, w_i2t)
+            w_t2i = torch.where((w_t2i.sum(1) == 0)[:, None], anyone, w_t2i)
             neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
             neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
         width = ids_pad.shape[1]
@@ -559,13 +560,15 @@ def mask_tokens(
         can &= input_ids != sid
     if eligible is not None:
         can &= eligible.bool()
+    # masked_fill/where rather than boolean-index assignment: the same values and random
+    # draws, without a nonzero (a host sync on a GPU) per assignment
     chosen = (torch.rand(ids.shape, device=ids.device) < prob) & can
-    labels[~chosen] = -100
+    labels.masked_fill_(~chosen, -100)
     to_mask = (torch.rand(ids.shape, device=ids.device) < 0.8) & chosen
-    ids[to_mask] = mask_id
+    ids.masked_fill_(to_mask, mask_id)
     to_random = (torch.rand(ids.shape, device=ids.device) < 0.5) & chosen & ~to_mask
     random_words = torch.randint(vocab_size, ids.shape, device=ids.device)
-    ids[to_random] = random_words[to_random]
+    ids = torch.where(to_random, random_words, ids)
     return ids, labels
 
 
@@ -594,6 +597,10 @@ class Momentum(nn.Module):
         self.register_buffer("group_queue", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        # host copies of queue_ptr and queue_filled: reading the buffers every step would be
+        # a host sync on a GPU (None: read them once, after a load_state_dict)
+        self._ptr: int | None = None
+        self._filled: int | None = None
 
     def pairs(self, model: KnowLIP) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(momentum parameter, live parameter) pairs, matched by name."""
@@ -665,8 +672,17 @@ class Momentum(nn.Module):
             )
         return img, txt
 
+    def _counters(self) -> tuple[int, int]:
+        if self._ptr is None or self._filled is None:
+            self._ptr, self._filled = int(self.queue_ptr), int(self.queue_filled)
+        return self._ptr, self._filled
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ptr = self._filled = None  # the loaded buffers are read again when needed
+
     def queued(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = int(self.queue_filled)
+        n = self._counters()[1]
         return (
             self.image_queue[:n].clone(),
             self.text_queue[:n].clone(),
@@ -680,13 +696,14 @@ class Momentum(nn.Module):
             return
         img_feat, txt_feat, groups = img_feat[-size:], txt_feat[-size:], groups[-size:]
         n = img_feat.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr, filled = self._counters()
         idx = (torch.arange(n, device=img_feat.device) + ptr) % size
         self.image_queue[idx] = img_feat.to(self.image_queue.dtype)
         self.text_queue[idx] = txt_feat.to(self.text_queue.dtype)
         self.group_queue[idx] = groups.to(self.group_queue.device)
-        self.queue_ptr.fill_((ptr + n) % size)
-        self.queue_filled.fill_(min(size, int(self.queue_filled) + n))
+        self._ptr, self._filled = (ptr + n) % size, min(size, filled + n)
+        self.queue_ptr.fill_(self._ptr)
+        self.queue_filled.fill_(self._filled)
 
 
 def _text_only_copy(bert: nn.Module) -> nn.Module:

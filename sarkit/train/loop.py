@@ -40,10 +40,27 @@ from sarkit.train.schedule import Schedule
 BASE_COLUMNS = ("step", "epoch", "lr", "samples_s")
 
 
-def _scalar(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().float().mean().item())
-    return float(value)
+def _accumulate(sums: dict[str, Any], out: dict[str, Any]) -> None:
+    """Add a micro-batch's outputs to `sums` as detached tensors: read as floats only when
+    logged (``_floats``), so a GPU step is not stopped by a host sync per loss."""
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().mean().double()  # as the floats summed before
+        else:
+            value = float(value)
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def _floats(sums: dict[str, Any], n: int) -> dict[str, float]:
+    """The means of accumulated values, in one device-to-host copy."""
+    keys = sorted(sums)
+    tensors = [k for k in keys if isinstance(sums[k], torch.Tensor)]
+    got = (
+        dict(zip(tensors, torch.stack([sums[k].cpu() for k in tensors]).tolist(), strict=True))
+        if tensors
+        else {}
+    )
+    return {k: (got[k] if k in got else float(sums[k])) / n for k in keys}
 
 
 class Loop:
@@ -255,7 +272,7 @@ class Loop:
         metrics = CsvLog(self.out / "metrics.csv", self.step if resumed else None, self.main)
         evals = CsvLog(self.out / "eval.csv", self.step if resumed else None, self.main)
         last_saved = self.step if resumed else -1
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # this step's outputs, summed over its micro-batches
         micro = 0  # micro-batches in the current optimiser step
         samples = 0
         try:
@@ -275,21 +292,24 @@ class Loop:
                         kwargs = self.task.inputs(batch, self.device, self.engine.dtype, self.step)
                         boundary = micro + 1 == o.grad_accum
                         out = self.engine.micro_step(kwargs, boundary)
-                        for key, value in out.items():
-                            sums[key] = sums.get(key, 0.0) + _scalar(value)
+                        _accumulate(sums, out)
                         micro += 1
                         self.batch_in_epoch += 1
                         samples += _batch_size(batch) * self.world
                         if not boundary:
                             continue
                         self.step += 1
-                        values = {k: v / micro for k, v in sums.items()}
+                        last, n_last = sums, micro
                         sums, micro = {}, 0
-                        now = time.perf_counter()
-                        rate = samples / max(now - tick, 1e-9)
-                        tick, samples = now, 0
                         if self.step % o.log_every == 0 or self.step == self.total_steps:
-                            values = all_mean(values, self.device)
+                            # a logged row is its step's mean, read now: one host sync per
+                            # log line rather than one per loss and micro-batch; samples/s
+                            # is over the steps since the last line (a step's own wall time
+                            # means little while a GPU runs behind the host)
+                            values = all_mean(_floats(last, n_last), self.device)
+                            now = time.perf_counter()
+                            rate = samples / max(now - tick, 1e-9)
+                            tick, samples = now, 0
                             self._log(values, lr, rate, metrics, tb, advance)
                         elif self.main:
                             advance(1)

@@ -46,6 +46,7 @@ from sarkit.errors import SarkitError
 
 FORMAT = 1
 CHUNK = 4096  # records tokenised per batched tokenizer call
+KNOWN_TEXTS = 20_000  # segment texts remembered across chunks (repeated ones are common)
 COLUMNS = ("id", "id_off", "path", "path_off", "tokens", "tok_off", "segs", "group", "exclude")
 SHARD_COLUMNS = ("shard", "offset", "size")
 
@@ -187,6 +188,7 @@ class _Builder:
         self.groups: dict[str, int] = {}
         self.n = 0
         self.pending: list[tuple[dict, tuple | None]] = []
+        self.known: dict[str, list[int]] = {}  # segment text -> ids ("No water bodies.")
 
     def add(self, record: dict, where: tuple | None = None) -> None:
         self.pending.append((record, where))
@@ -206,9 +208,13 @@ class _Builder:
         codec = self.codec
         records = [r for r, _ in self.pending]
         segs = [codec.segments(r["texts"]) for r in records]
-        unique = sorted({s for row in segs for s in row if s})
+        known = {s: self.known[s] for row in segs for s in row if s in self.known}
+        unique = sorted({s for row in segs for s in row if s and s not in known})
         ids = codec.tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
-        known = dict(zip(unique, ids, strict=True))
+        known.update(zip(unique, ids, strict=True))
+        if len(self.known) + len(unique) > KNOWN_TEXTS:  # bounded: unique texts never repeat
+            self.known.clear()
+        self.known.update(zip(unique, ids, strict=True))
         tokens, sids, lengths = [], [], []
         for row in segs:
             pieces = codec._fit([known.get(s, []) for s in row]) if row else []
@@ -380,8 +386,12 @@ def build_table(
                 "skips": {"dropped": skips.dropped, "failed": skips.failed,
                           "empty": skips.empty, "first": skips.first}}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():  # a damaged one (checked by the caller), or another rank's
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            try:
+                load_table(folder, key)
+                return  # another process (a node's first rank) made the same table meanwhile
+            except SarkitError:
+                shutil.rmtree(folder, ignore_errors=True)  # the damaged one
         try:
             os.replace(tmp, folder)
         except OSError:  # another process renamed its own (equal) table there meanwhile
@@ -410,6 +420,8 @@ def open_table(
             table = load_table(folder, key)
         except SarkitError as exc:
             log.warn(f"{exc}; rebuilding it")
+    if table is None and _follower():
+        table = _wait_for(folder, key)
     if table is None:
         log.info(f"tokenising {source_name} once into {folder}")
         build_table(folder, items(), codec, key, [s for s in sources] if kind == "shards" else ())
@@ -419,6 +431,27 @@ def open_table(
         source_name, len(table), strict
     )
     return table
+
+
+def _follower() -> bool:
+    """A process that is not its node's first: it waits for that one's table."""
+    local = os.environ.get("LOCAL_RANK")
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and local not in (None, "", "0")
+
+
+def _wait_for(folder: Path, key: dict, timeout: float = 6 * 3600) -> PairTable | None:
+    """The table local rank 0 is building (None after `timeout`: build it here too)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (folder / "meta.json").exists():
+            try:
+                return load_table(folder, key)
+            except SarkitError:
+                pass  # being replaced: look again
+        time.sleep(0.5)
+    return None
 
 
 def memory_table(records: Sequence[dict], codec: Any, source: str, strict: bool) -> PairTable:
