@@ -253,7 +253,12 @@ def sarkit_caption(records: Iterable[dict], options: Any, report: Any) -> Iterat
 
 @hookspec(firstresult=True)
 def sarkit_pretrain(records: list[dict], options: Any) -> Path | None:
-    """Pretrain a vision-language model on captioned records; return the run folder."""
+    """Pretrain a vision-language model on captioned records; return the run folder.
+
+    From `sarkit pretrain`, `records` is a ``sarkit.train.table.RecordFiles`` (a JSON Lines
+    file or tar shards, streamed: a million records are never all in memory; iterating it
+    yields the record dicts), or a list of records read from stdin.
+    """
 
 
 @hookspec(firstresult=True)
