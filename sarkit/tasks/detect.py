@@ -491,7 +491,7 @@ class DetectHead:
         log.info(f"at score >= {threshold:g}: {tp} found, {fa} false alarms, {missed} missed")
         table = [(f"at score >= {threshold:g}", f"{tp} found, {fa} false alarms, {missed} missed"),
                  ("images", str(len(cached)))]  # fmt: skip
-        k = int(options.extra.get("drawn") if options.extra.get("drawn") is not None else 4)
+        k = max(0, int(options.extra.get("drawn") if options.extra.get("drawn") is not None else 4))
         drawn = [(c.item.path, m) for c, m in zip(cached[:k], matched[:k], strict=True)]
         details = {**found, "classes": classes, "n": len(cached), "drawn": drawn,
                    "counts": {"found": tp, "false_alarms": fa, "missed": missed,
