@@ -32,7 +32,7 @@ def command(
     backend: str = typer.Option(
         "auto",
         "--backend",
-        help="Index structure: exact, faiss-ivf, a plugin's, or auto (faiss-ivf from 50,000 "
+        help="Index structure: exact, faiss-ivf, a plugin's, or auto (faiss-ivf from 20,000 "
         "tiles).",
     ),
 ) -> None:
