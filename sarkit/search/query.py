@@ -51,9 +51,19 @@ def load_model(archive: Archive, run: Path | None):
                 "(the same model)"
             )
         run = Path(stored)
-    model = SearchModel(Path(run))
+    from sarkit.search.model import run_sha256
+
+    key = (str(Path(run).resolve()), run_sha256(Path(run)))
+    model = _LOADED.get(key)
+    if model is None:  # one process asking many queries (a library user, a bench) loads once
+        model = SearchModel(Path(run))
+        _LOADED.clear()
+        _LOADED[key] = model
     archive.check_model(model.identity(), f"--run {run} is not the model of {archive.folder}")
     return model
+
+
+_LOADED: dict[tuple[str, str], Any] = {}
 
 
 def allowed_mask(columns: dict[str, np.ndarray], options: SearchOptions) -> np.ndarray | None:
