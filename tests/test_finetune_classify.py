@@ -151,6 +151,8 @@ def test_bad_data_is_named(cli, tmp_path):
     assert "skipped 1 unreadable image(s); first: " in proc.stderr and "broken.jpeg" in proc.stderr
     assert json.loads((run / "split.json").read_text())["how"] == "given"
     assert len(json.loads((run / "split.json").read_text())["train"]) == 9
+    # the bad cases each into a fresh folder (a folder holding a run is refused first)
+    args = ("finetune", "classify", "-o", tmp_path / "bad", *TINY, "--epochs", "1")
     for flag, value, message in (
         ("--lr", "nan", "not in the range"),
         ("--label-smoothing", "2", "not in the range"),
