@@ -171,3 +171,14 @@ def test_shards_train_exactly_as_the_records_file(tmp_path, cli_in_process):
     assert proc.returncode == 1
     assert f"{broken / 's.tar'}: damaged shard" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cache_goes_to_the_run_folder_when_the_records_folder_is_read_only(tmp_path, monkeypatch):
+    from sarkit.train import table
+
+    records = write_jsonl(tmp_path / "r.jsonl", [])
+    key = {"k": 1}
+    assert table.cache_folder([records], key, tmp_path / "run").parent == tmp_path / ".sarkit-cache"
+    monkeypatch.setattr(table.os, "access", lambda path, mode: False)  # as for a read-only mount
+    got = table.cache_folder([records], key, tmp_path / "run")
+    assert got.parent == tmp_path / "run" / "data-cache" and got.name.startswith("r-")

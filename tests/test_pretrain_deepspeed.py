@@ -150,3 +150,58 @@ def test_zero3_offload_matches_plain_pytorch(tmp_path, cli):
         rtol = 1e-5 if a["step"] == "1" else 2e-3
         for key in ("loss", "itc", "itm", "mlm"):
             assert abs(float(a[key]) - float(b[key])) <= rtol * abs(float(a[key])), (key, a, b)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(tmp_path, cli):
+    """A 2-process checkpoint: under ZeRO-2 it resumes on 2 exactly and on 1 stops with one
+    line saying to resume with 2 (DeepSpeed cannot split its partitions again); from DDP
+    it resumes on 1 (batch 8: the same global batch), the epoch going on after the samples
+    already seen, with exactly the weights the 2 processes had."""
+    import torch
+
+    from sarkit.model.knowlip import KnowLIP
+
+    records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 2)[:16])
+    ds = ["--deepspeed", "zero2", "--save-every", "2"]
+    full = run2(records, tmp_path / "full", *ds)
+    step2 = tmp_path / "full" / "checkpoints" / "step-00000002"
+    again = run2(records, tmp_path / "again", *ds, "--resume", str(step2))
+    assert [r["step"] for r in again] == ["3", "4"]
+    for a, b in zip(full[2:], again, strict=True):
+        for key in ("loss", "itc", "itm", "mlm", "temp"):
+            assert a[key] == b[key], (key, a, b)
+    one = [*TINY, "--workers", "0", "--lr", "1e-4", "--warmup-steps", "1", "--save-every", "2",
+           "--batch-size", "8", "--max-steps", "4"]  # fmt: skip
+    env = {"DS_ACCELERATOR": "cpu"}
+    proc = cli("pretrain", records, "-o", tmp_path / "one", *one, "--deepspeed", "zero2",
+               "--resume", str(step2), env=env, check=1)  # fmt: skip
+    assert "saved by 2 process(es) under ZeRO-2" in proc.stderr
+    assert "resume with 2 process(es)" in proc.stderr and "Traceback" not in proc.stderr
+
+    run2(records, tmp_path / "ddp", "--save-every", "2")
+    ddp2 = tmp_path / "ddp" / "checkpoints" / "step-00000002"
+    proc = cli("pretrain", records, "-o", tmp_path / "ddp1", *one, "--resume", str(ddp2),
+               check=0)  # fmt: skip
+    assert "saved with 2 process(es) x batch 4, resumed with 1 x 8" in proc.stderr
+    assert "goes on after its first 16 samples" in proc.stderr
+    assert [r["step"] for r in rows(tmp_path / "ddp1")] == ["3", "4"]
+    ddp4 = tmp_path / "ddp" / "checkpoints" / "step-00000004"
+    cli("pretrain", records, "-o", tmp_path / "end", *one, "--resume", str(ddp4), check=0)
+    with torch.no_grad():
+        a = dict(KnowLIP.from_run(tmp_path / "ddp").named_parameters())
+        b = dict(KnowLIP.from_run(tmp_path / "end").named_parameters())
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_world_change_is_a_clear_error():
+    """The rule, without a DeepSpeed run: the same count resumes, another says what to do."""
+    from sarkit.train.engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    engine.stage = 3
+    assert engine.resumable_on({"world": 2, "zero_stage": 3}, 2) is None
+    why = engine.resumable_on({"world": 2, "zero_stage": 3}, 1)
+    assert "under ZeRO-3" in why and "resume with 2 process(es)" in why and "\n" not in why
+    engine.stage = 1
+    assert "resume with 4 process(es)" in engine.resumable_on({"world": 4, "zero_stage": 1}, 8)

@@ -417,6 +417,25 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
+    def resumable_on(self, state: dict, world: int) -> str | None:
+        """Why a checkpoint saved by `state["world"]` processes cannot resume on `world`
+        (None: it can). DeepSpeed (0.19) refuses to load ZeRO optimiser partitions on
+        another data-parallel size at any stage (its elastic ZeRO-1/2 state included) unless
+        the checkpoint is first converted to its universal format, which sarkit does not
+        load; the plain engine can (its state is whole on rank 0)."""
+        saved = int(state.get("world", world))
+        if saved == world:
+            return None
+        stage = state.get("zero_stage", self.stage)
+        return (
+            f"saved by {saved} process(es) under ZeRO-{stage}, whose optimiser partitions "
+            f"DeepSpeed cannot split again for {world}: resume with {saved} process(es)"
+        )
+
+    def checkpoint_facts(self) -> dict:
+        """What `resumable_on` needs to know of a checkpoint, kept in its state.json."""
+        return {"zero_stage": self.stage}
+
     def micro_step(self, kwargs: dict, boundary: bool) -> dict[str, torch.Tensor]:
         """DeepSpeed counts micro-batches itself; its boundary must be the loop's."""
         out = self.engine(**kwargs)

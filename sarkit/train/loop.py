@@ -161,6 +161,11 @@ class Loop:
                 "grad_accum": self.options.grad_accum,
                 "seed": self.options.seed,
                 "task": self.task.name,
+                **(
+                    self.engine.checkpoint_facts()
+                    if hasattr(self.engine, "checkpoint_facts")
+                    else {}
+                ),
             }
             write_text(tmp / "state.json", json.dumps(state, indent=2))
         barrier()
@@ -197,16 +202,17 @@ class Loop:
                 f"{folder / 'state.json'}: damaged checkpoint state ({exc}); "
                 "resume from another checkpoint folder (--resume DIR)"
             ) from None
-        if state["world"] != self.world or state["batch_size"] != self.options.batch_size:
-            log.warn(
-                f"{folder}: saved with {state['world']} process(es) x batch "
-                f"{state['batch_size']}; resuming with {self.world} x {self.options.batch_size}"
-                " continues, but not sample for sample"
-            )
         if state["engine"] != self.engine.name:
             raise SarkitError(
                 f"{folder}: saved by the {state['engine']} engine; resume with the same engine"
             )
+        why = (
+            self.engine.resumable_on(state, self.world)
+            if hasattr(self.engine, "resumable_on")
+            else None
+        )
+        if why:
+            raise SarkitError(f"{folder}: {why}")
         self.engine.load(folder)
         extra = folder / "task.safetensors"
         if extra.exists():
@@ -224,9 +230,36 @@ class Loop:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = step
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.batch_in_epoch = self._position(folder, state)
         if self.batch_in_epoch >= self.micro_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _position(self, folder: Path, state: dict) -> int:
+        """This run's micro-batches into the epoch that the checkpoint's position means.
+
+        Rank r of w reads the epoch's permutation at r, r + w, ...; after k micro-batches of
+        b on every rank, the first k * b * w samples of the permutation are seen. With
+        another number of processes or batch size, the run goes on from the same sample
+        when that count divides evenly (a resumed epoch then sees exactly the samples not
+        yet seen; losses differ as the batches are grouped differently); otherwise from the
+        last whole batch before it (a few samples seen twice), said on stderr.
+        """
+        k = int(state["batch_in_epoch"])
+        world, batch = int(state["world"]), int(state["batch_size"])
+        if (world, batch) == (self.world, self.options.batch_size):
+            return k
+        seen = k * batch * world
+        per_batch = self.options.batch_size * self.world
+        if self.main:
+            again = seen % per_batch
+            note = f"; {again} sample(s) of it are seen again" if again else ""
+            log.warn(
+                f"{folder}: saved with {world} process(es) x batch {batch}, resumed with "
+                f"{self.world} x {self.options.batch_size}: the epoch goes on after its "
+                f"first {seen - again} samples{note}; the RNG streams of the ranks differ, "
+                "so the losses are not an uninterrupted run's"
+            )
+        return seen // per_batch
 
     # ---------------------------------------------------------------- logs
 
