@@ -99,11 +99,12 @@ def test_failed_empty_and_dropped_records_are_skipped_and_counted(mstar20, tmp_p
     recs[0]["caption"] = {"failed": "the answer missed Terrain"}
     recs[1]["texts"] = {}
     recs[2]["quality"] = {"keep": False, "reason": "constant"}
+    recs[3]["texts"] = {field: 123 for field in recs[3]["texts"]}  # numbers are no captions
     path = write_jsonl(tmp_path / "r.jsonl", recs)
     proc = cli("pretrain", path, "-o", tmp_path / "run", *TINY, "--max-steps", "2",
                "--save-every", "0", check=0)  # fmt: skip
-    assert "skipped: 1 failed caption(s), 1 without texts, 1 dropped by filter" in proc.stderr
-    assert "training on 9 records" in proc.stderr
+    assert "skipped: 1 failed caption(s), 2 without texts, 1 dropped by filter" in proc.stderr
+    assert "training on 8 records" in proc.stderr
     assert len(rows(tmp_path / "run")) == 2
     # --strict stops before any training, naming the first such record
     proc = cli("pretrain", path, "-o", tmp_path / "strict", *TINY, "--strict", check=1)

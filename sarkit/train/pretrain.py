@@ -68,11 +68,6 @@ def model_config(options: PretrainOptions, fields: tuple[str, ...]):
 # ---------------------------------------------------------------- records
 
 
-def has_text(record: dict) -> bool:
-    texts = record.get("texts")
-    return isinstance(texts, dict) and any(str(v or "").strip() for v in texts.values())
-
-
 def usable_records(records: list[dict], source: str, strict: bool = False) -> list[dict]:
     """The records an image-text stage can train on; the others counted on stderr.
 
@@ -80,38 +75,16 @@ def usable_records(records: list[dict], source: str, strict: bool = False) -> li
     (``caption.failed``) and records with no text at all. ``strict`` makes any of them an
     error before training starts; no usable record at all is always one.
     """
-    kept, dropped, failed, empty = [], 0, 0, 0
-    first_bad = None
+    from sarkit.train.table import Skips, unusable
+
+    kept, skips = [], Skips()
     for i, rec in enumerate(records, start=1):
-        quality = rec.get("quality") if isinstance(rec.get("quality"), dict) else {}
-        caption = rec.get("caption") if isinstance(rec.get("caption"), dict) else {}
-        if quality.get("keep") is False:
-            dropped += 1
-        elif caption.get("failed"):
-            failed += 1
-        elif not has_text(rec):
-            empty += 1
-        else:
+        why = unusable(rec)
+        if why is None:
             kept.append(rec)
-            continue
-        first_bad = first_bad or f"{source}:{i} ({rec.get('id')})"
-    parts = []
-    if failed:
-        parts.append(f"{failed} failed caption(s)")
-    if empty:
-        parts.append(f"{empty} without texts")
-    if dropped:
-        parts.append(f"{dropped} dropped by filter")
-    if parts and strict:
-        raise SarkitError(
-            f"{source}: {', '.join(parts)} (first: {first_bad}); --strict stops here, "
-            "drop --strict to skip them"
-        )
-    if not kept:
-        why = f" ({', '.join(parts)}; first: {first_bad})" if parts else ""
-        raise SarkitError(f"{source}: no record with usable texts to train on{why}")
-    if parts:
-        log.warn(f"skipped: {', '.join(parts)}; training on {len(kept)} records")
+        else:
+            skips.add(why, f"{source}:{i} ({rec.get('id')})")
+    skips.report(source, len(kept), strict)
     return kept
 
 

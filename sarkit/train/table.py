@@ -60,8 +60,10 @@ def unusable(record: dict) -> str | None:
     if caption.get("failed"):
         return "failed"
     texts = record.get("texts")
-    if not (isinstance(texts, dict) and any(str(v or "").strip() for v in texts.values())):
-        return "empty"
+    if not (
+        isinstance(texts, dict) and any(isinstance(v, str) and v.strip() for v in texts.values())
+    ):
+        return "empty"  # a number or a list in `texts` is not a caption
     return None
 
 
