@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: one compute thread each, in the commands they start too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SARKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
