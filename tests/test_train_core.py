@@ -101,9 +101,13 @@ def test_failed_empty_and_dropped_records_are_skipped_and_counted(mstar20, tmp_p
     recs[2]["quality"] = {"keep": False, "reason": "constant"}
     recs[3]["texts"] = {field: 123 for field in recs[3]["texts"]}  # numbers are no captions
     path = write_jsonl(tmp_path / "r.jsonl", recs)
+    with open(path, "a") as fh:
+        fh.write('{"id": "cut off\n')  # a damaged line costs only itself
     proc = cli("pretrain", path, "-o", tmp_path / "run", *TINY, "--max-steps", "2",
                "--save-every", "0", check=0)  # fmt: skip
-    assert "skipped: 1 failed caption(s), 2 without texts, 1 dropped by filter" in proc.stderr
+    assert "r.jsonl:13: not valid JSON" in proc.stderr
+    assert ("skipped: 1 damaged line(s), 1 failed caption(s), 2 without texts, 1 dropped by "
+            "filter") in proc.stderr  # fmt: skip
     assert "training on 8 records" in proc.stderr
     assert len(rows(tmp_path / "run")) == 2
     # --strict stops before any training, naming the first such record

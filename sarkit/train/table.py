@@ -74,7 +74,15 @@ class Skips:
     dropped: int = 0
     failed: int = 0
     empty: int = 0
+    damaged: int = 0
     first: str | None = None
+
+    @classmethod
+    def from_meta(cls, saved: dict) -> Skips:
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
+
+    def meta(self) -> dict:
+        return dict(self.__dict__)
 
     def add(self, why: str, where: str) -> None:
         setattr(self, why, getattr(self, why) + 1)
@@ -82,6 +90,8 @@ class Skips:
 
     def parts(self) -> list[str]:
         parts = []
+        if self.damaged:
+            parts.append(f"{self.damaged} damaged line(s)")
         if self.failed:
             parts.append(f"{self.failed} failed caption(s)")
         if self.empty:
@@ -378,15 +388,16 @@ def build_table(
         builder = _Builder(tmp, codec, bool(shards))
         skips = Skips()
         for record, where, loc in items:
+            if record is None:  # a line that is no record: named by jsonl_items
+                skips.add("damaged", where)
+                continue
             why = unusable(record)
             if why:
                 skips.add(why, where)
                 continue
             builder.add(record, loc)
         n = builder.finish()
-        meta = {"key": key, "n": n, "shards": [str(p) for p in shards],
-                "skips": {"dropped": skips.dropped, "failed": skips.failed,
-                          "empty": skips.empty, "first": skips.first}}  # fmt: skip
+        meta = {"key": key, "n": n, "shards": [str(p) for p in shards], "skips": skips.meta()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
             try:
@@ -429,9 +440,7 @@ def open_table(
         build_table(folder, items(), codec, key, [s for s in sources] if kind == "shards" else ())
         table = load_table(folder, key)
     s = table.meta.get("skips", {})
-    Skips(s.get("dropped", 0), s.get("failed", 0), s.get("empty", 0), s.get("first")).report(
-        source_name, len(table), strict
-    )
+    Skips.from_meta(s).report(source_name, len(table), strict)
     return table
 
 
@@ -469,7 +478,7 @@ def memory_table(records: Sequence[dict], codec: Any, source: str, strict: bool)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     s = table.meta["skips"]
-    Skips(s["dropped"], s["failed"], s["empty"], s["first"]).report(source, len(table), strict)
+    Skips.from_meta(s).report(source, len(table), strict)
     return table
 
 
@@ -503,15 +512,31 @@ class RecordFiles:
         return shard_items(self.paths) if self.shards else jsonl_items(self.paths[0])
 
     def records(self) -> Iterator[dict]:
-        return (rec for rec, _, _ in self.items())
+        return (rec for rec, _, _ in self.items() if rec is not None)
 
     __iter__ = records
 
 
-def jsonl_items(path: Path) -> Iterator[tuple[dict, str, None]]:
-    """(record, 'file:line (id)', None) of a JSON Lines file; a bad line is an error."""
+class _LineErrors:
+    """read_records' report for damaged lines: each named on stderr, kept to be counted."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+
+    def error(self, message: str) -> None:
+        log.warn(message)
+        self.pending.append(message)
+
+
+def jsonl_items(path: Path) -> Iterator[tuple[dict | None, str, None]]:
+    """(record, 'file:line (id)', None) of a JSON Lines file; a damaged line (not JSON, not
+    UTF-8, no id or path) is (None, its error, None): counted, never the end of the run."""
     from sarkit.records import read_records
 
-    for item in read_records([str(path)], None, ("id", "path")):
+    errors = _LineErrors()
+    for item in read_records([str(path)], errors, ("id", "path")):
+        yield from ((None, message, None) for message in errors.pending)
+        errors.pending.clear()
         where = f"{item.source}:{item.line}" + (f" ({item.id})" if item.id else "")
         yield item.record, where, None
+    yield from ((None, message, None) for message in errors.pending)
