@@ -83,7 +83,52 @@ def to_tensor(
     return ((x[0] - mean) / std).contiguous()
 
 
-class TileDataset(torch.utils.data.Dataset):
+class TileImages:
+    """Tile reading shared by the pretraining pairs and the tasks' tile datasets: a subclass
+    gives ``read(i)``, ``__len__`` and the crop, augmentation and normalisation attributes."""
+
+    bad: set[int]
+    center_crop: float
+    image_size: int
+    augment: Augment | None
+    seed: int
+    epoch: int
+    mean: float
+    std: float
+
+    def readable(self, index: int) -> tuple[np.ndarray, int]:
+        """The tile of `index`, or of the next readable record when it cannot be read.
+
+        A bad tile found mid-run is named on stderr once (per worker) and replaced by the next
+        record in the dataset, so every batch keeps its size (ranks all-gather equal batches)
+        and the run goes on; the text travels with the image that replaced it.
+        """
+        n = len(self)
+        for k in range(n):
+            i = (index + k) % n
+            try:
+                return self.read(i), i
+            except SarkitError as exc:
+                if i not in self.bad:
+                    self.bad.add(i)
+                    from sarkit import log
+
+                    log.warn(f"skipped: {exc}")
+        raise SarkitError("no tile of the records can be read")
+
+    def image(self, index: int) -> tuple[torch.Tensor, int]:
+        """(the augmented, normalised tile of `index` or its replacement, its index)."""
+        arr, index = self.readable(index)
+        if self.center_crop < 1.0:
+            h, w = arr.shape
+            ch, cw = max(1, round(h * self.center_crop)), max(1, round(w * self.center_crop))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[top : top + ch, left : left + cw]
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
+        return to_tensor(arr, self.image_size, self.augment, rng, self.mean, self.std), index
+
+
+class TileDataset(TileImages, torch.utils.data.Dataset):
     """Records -> (image, record index); the collate function adds what a task needs."""
 
     def __init__(
@@ -123,34 +168,8 @@ class TileDataset(torch.utils.data.Dataset):
         except Exception as exc:
             raise SarkitError(f"{path} (record {rec.get('id')}): unreadable tile: {exc}") from None
 
-    def readable(self, index: int) -> tuple[np.ndarray, int]:
-        """The tile of `index`, or of the next readable record when it cannot be read.
-
-        A bad tile found mid-run is named on stderr once (per worker) and replaced by the next
-        record in the dataset, so every batch keeps its size (ranks all-gather equal batches)
-        and the run goes on; the text travels with the image that replaced it.
-        """
-        for k in range(len(self.records)):
-            i = (index + k) % len(self.records)
-            try:
-                return self.read(i), i
-            except SarkitError as exc:
-                if i not in self.bad:
-                    self.bad.add(i)
-                    from sarkit import log
-
-                    log.warn(f"skipped: {exc}")
-        raise SarkitError("no tile of the records can be read")
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        arr, index = self.readable(index)
-        if self.center_crop < 1.0:
-            h, w = arr.shape
-            ch, cw = max(1, round(h * self.center_crop)), max(1, round(w * self.center_crop))
-            top, left = (h - ch) // 2, (w - cw) // 2
-            arr = arr[top : top + ch, left : left + cw]
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return to_tensor(arr, self.image_size, self.augment, rng, self.mean, self.std), index
+        return self.image(index)
 
 
 def pixel_stats(

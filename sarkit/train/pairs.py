@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from sarkit.errors import SarkitError
-from sarkit.train.data import Augment, resolve_path, to_tensor
+from sarkit.train.data import Augment, TileImages, resolve_path
 from sarkit.train.table import PairTable
 
 
-class PairDataset(torch.utils.data.Dataset):
+class PairDataset(TileImages, torch.utils.data.Dataset):
     """A record table's (image, text) pairs; ``__getitems__`` returns a collated batch."""
 
     def __init__(
@@ -95,32 +95,8 @@ class PairDataset(torch.utils.data.Dataset):
         """float32 in [0, 1], as ``read_gray``."""
         return self.read_u8(index).astype(np.float32) / np.float32(255.0)
 
-    def readable(self, index: int) -> tuple[np.ndarray, int]:
-        """The tile of `index`, or of the next readable record (``TileDataset.readable``)."""
-        n = len(self)
-        for k in range(n):
-            i = (index + k) % n
-            try:
-                return self.read(i), i
-            except SarkitError as exc:
-                if i not in self.bad:
-                    self.bad.add(i)
-                    from sarkit import log
-
-                    log.warn(f"skipped: {exc}")
-        raise SarkitError("no tile of the records can be read")
-
-    def image(self, index: int) -> tuple[torch.Tensor, int]:
-        arr, index = self.readable(index)
-        if self.center_crop < 1.0:
-            h, w = arr.shape
-            ch, cw = max(1, round(h * self.center_crop)), max(1, round(w * self.center_crop))
-            top, left = (h - ch) // 2, (w - cw) // 2
-            arr = arr[top : top + ch, left : left + cw]
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return to_tensor(arr, self.image_size, self.augment, rng, self.mean, self.std), index
-
-    __getitem__ = image
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image(index)
 
     # -- batches ----------------------------------------------------------------------
 
