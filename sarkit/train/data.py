@@ -87,14 +87,27 @@ class TileImages:
     """Tile reading shared by the pretraining pairs and the tasks' tile datasets: a subclass
     gives ``read(i)``, ``__len__`` and the crop, augmentation and normalisation attributes."""
 
-    bad: set[int]
-    center_crop: float
-    image_size: int
-    augment: Augment | None
-    seed: int
-    epoch: int
-    mean: float
-    std: float
+    def __init__(
+        self,
+        image_size: int,
+        base: Path | None = None,
+        augment: Augment | None = None,
+        seed: int = 0,
+        mean: float = 0.5,
+        std: float = 0.5,
+        center_crop: float = 1.0,
+    ):
+        self.image_size = int(image_size)
+        self.base = base
+        self.augment = augment
+        self.seed = int(seed)
+        self.mean, self.std = float(mean), float(std)
+        self.center_crop = float(center_crop)  # side fraction kept (MSTAR practice: 88/128)
+        self.epoch = 0
+        self.bad: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def readable(self, index: int) -> tuple[np.ndarray, int]:
         """The tile of `index`, or of the next readable record when it cannot be read.
@@ -142,21 +155,11 @@ class TileDataset(TileImages, torch.utils.data.Dataset):
         std: float = 0.5,
         center_crop: float = 1.0,
     ):
+        super().__init__(image_size, base, augment, seed, mean, std, center_crop)
         self.records = list(records)
-        self.mean, self.std = float(mean), float(std)
-        self.center_crop = float(center_crop)  # side fraction kept (MSTAR practice: 88/128)
-        self.image_size = int(image_size)
-        self.base = base
-        self.augment = augment
-        self.seed = int(seed)
-        self.epoch = 0
-        self.bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def read(self, index: int) -> np.ndarray:
         rec = self.records[index]

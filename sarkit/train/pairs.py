@@ -39,24 +39,14 @@ class PairDataset(TileImages, torch.utils.data.Dataset):
         center_crop: float = 1.0,
         pad_id: int = 0,
     ):
+        super().__init__(image_size, base, augment, seed, mean, std, center_crop)
         self.table = table
-        self.image_size = int(image_size)
-        self.base = base
-        self.augment = augment
-        self.seed = int(seed)
-        self.mean, self.std = float(mean), float(std)
-        self.center_crop = float(center_crop)
         self.pad_id = int(pad_id)
-        self.epoch = 0
-        self.bad: set[int] = set()
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.table)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     # -- pixels -----------------------------------------------------------------------
 
