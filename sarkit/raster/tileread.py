@@ -45,7 +45,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -216,26 +218,34 @@ def read_u8(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
         raise TileReadError(f"{p}: cannot read ({_one_line(exc)})") from None
     if size == 0:
         raise TileReadError(f"{p}: empty file (0 bytes)")
+    gray = decode_gray(lambda: p, str(p))
+    if max_side is not None:
+        gray, _ = block_mean(gray, max_side)
+    return gray
+
+
+def decode_gray(source: Callable[[], Any], name: str) -> np.ndarray:
+    """2-D uint8 grey from GDAL, else PIL (PIL first for its suffixes), with the one-line
+    errors of every tile reader; `source()` gives each decoder a fresh path or stream and
+    `name` is the file as messages show it."""
     readers = [_read_gdal, _read_pil]
-    if p.suffix.lower() in PIL_SUFFIXES:
+    if Path(name).suffix.lower() in PIL_SUFFIXES:
         readers.reverse()
     unknown = []
     for reader in readers:
         try:
-            gray = reader(p)
+            gray = reader(source())
             break
         except _NotRecognised as exc:
             unknown.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
             raise TileReadError(
-                f"{p}: pixels cannot be decoded, truncated or corrupt ({_one_line(exc)})"
+                f"{name}: pixels cannot be decoded, truncated or corrupt ({_one_line(exc)})"
             ) from None
     else:
-        raise TileReadError(f"{p}: not a raster image ({'; '.join(unknown)})")
+        raise TileReadError(f"{name}: not a raster image ({'; '.join(unknown)})")
     if gray.ndim != 2 or gray.size == 0:
-        raise TileReadError(f"{p}: no 2-D pixels (shape {gray.shape})")
-    if max_side is not None:
-        gray, _ = block_mean(gray, max_side)
+        raise TileReadError(f"{name}: no 2-D pixels (shape {gray.shape})")
     return gray
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sarkit.raster.tileread import PIL_SUFFIXES, TileReadError, _NotRecognised, _one_line
+from sarkit.raster.tileread import TileReadError, _one_line
 
 # TIFF tags read by the fast path
 WIDTH, HEIGHT, BITS, COMPRESSION, PHOTOMETRIC = 256, 257, 258, 259, 262
@@ -117,39 +117,17 @@ def _fast_tiff(data: bytes) -> np.ndarray | None:
 def decode_u8(data: bytes, name: str) -> np.ndarray:
     """2-D uint8 grey of an encoded tile (`name` gives the suffix and the messages);
     tileread's pixels, by its rule. Raises TileReadError with a one-line reason."""
-    from sarkit.raster.tileread import _read_gdal, _read_pil
+    from sarkit.raster.tileread import decode_gray
 
     if not data:
         raise TileReadError(f"{name}: empty file (0 bytes)")
     try:
         gray = _fast_tiff(data)
-    except Exception as exc:  # noqa: BLE001 - a damaged file: named below by the decoders
+    except Exception:  # noqa: BLE001 - a damaged file: named below by the decoders
         gray = None
-        fast_error = exc
-    else:
-        fast_error = None
     if gray is not None:
         return gray
-    readers = [_read_gdal, _read_pil]
-    if Path(name).suffix.lower() in PIL_SUFFIXES:
-        readers.reverse()
-    unknown = []
-    for reader in readers:
-        try:
-            gray = reader(io.BytesIO(data))
-            break
-        except _NotRecognised as exc:
-            unknown.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
-            raise TileReadError(
-                f"{name}: pixels cannot be decoded, truncated or corrupt ({_one_line(exc)})"
-            ) from None
-    else:
-        why = "; ".join(unknown) or (_one_line(fast_error) if fast_error else "unknown format")
-        raise TileReadError(f"{name}: not a raster image ({why})")
-    if gray.ndim != 2 or gray.size == 0:
-        raise TileReadError(f"{name}: no 2-D pixels (shape {gray.shape})")
-    return gray
+    return decode_gray(lambda: io.BytesIO(data), name)
 
 
 def read_tile_u8(path: Path) -> np.ndarray:
