@@ -331,6 +331,40 @@ def test_resume_after_kill_embeds_no_tile_twice(run, recs, tmp_path, cli_in_proc
     assert _count(again.stderr, "done") == 0
 
 
+def test_embed_reads_records_on_stdin(run, recs, tmp_path, cli_in_process, monkeypatch):
+    """`sarkit embed -`: a real pipe into a fresh process, tile paths relative to the working
+    folder (stdin has no folder of its own), a damaged line named by its stdin line; the
+    same records piped again resume (nothing embedded twice)."""
+    import io
+
+    from sarkit.search.archive import Archive
+
+    rows = [json.loads(line) for line in recs.read_text().splitlines()][:4]
+    root = shared("mstar")
+    for r in rows:
+        r["path"] = str(Path(r["path"]).relative_to(root))
+    lines = [json.dumps(r) for r in rows[:2]] + ["{not json"] + [json.dumps(r) for r in rows[2:]]
+    piped = "\n".join(lines) + "\n"
+    out = tmp_path / "stdin.index"
+    cmd = [sys.executable, "-m", "sarkit", "-q", "embed", "-", "--run", str(run), "-o", str(out),
+           "-b", "2", "-j", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, input=piped, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # the damaged line is bad input
+    assert "<stdin>:3: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    archive = Archive.open(out)
+    cols = archive.columns()
+    assert archive.count == 4 and sorted(cols["ids"]) == sorted(r["id"] for r in rows)
+    by_id = dict(zip(cols["ids"].tolist(), cols["paths"].tolist(), strict=True))
+    for r in rows:  # stored resolved, so a search from anywhere finds the tiles
+        assert by_id[r["id"]] == str((root / r["path"]).resolve())
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped.encode())))
+    again = cli_in_process("embed", "--run", run, "-o", out)  # no input file: stdin
+    assert _count(again.stderr, "done") == 0
+    assert _count(again.stderr, "skipped: already in the index") == 4
+
+
 def _count(table: str, row: str) -> int:
     """The count of a row of a stage's summary table."""
     for line in table.splitlines():
