@@ -215,3 +215,74 @@ def test_classify_under_deepspeed(tmp_path):
         == "deepspeed"
     )
     assert (run / "last.safetensors").exists() and len(eval_rows(run)) == 1
+
+
+def test_vision_args_shape_the_backbone(cli, tmp_path):
+    """--vision-args reach timm (a hybrid ViT's patch size on its stem, the depth), are kept
+    in config.json so eval rebuilds the same network, and bad ones are named."""
+    from safetensors.torch import load_file
+
+    data = mstar_folders(tmp_path / "data", train=3, val=2)
+    run = tmp_path / "run"
+    args = ["finetune", "classify", "--data", data, *TINY, "--vision", "vit_tiny_r_s16_p8_224",
+            "--epochs", "1", "--max-steps", "1"]  # fmt: skip
+    proc = cli(*args, "-o", run, "--vision-args", "patch_size=2,depth=1")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["vision"]["model_args"] == {"patch_size": 2, "depth": 1}
+    last = load_file(str(run / "last.safetensors"))
+    # 32 px: the stride-4 stem gives 8x8, 2x2 patches a 4x4 grid (+ the class token)
+    assert last["backbone.pos_embed"].shape == (1, 17, 192)
+    assert last["backbone.patch_embed.proj.weight"].shape[-2:] == (2, 2)
+    assert any(k.startswith("backbone.blocks.0.") for k in last)
+    assert not any(k.startswith("backbone.blocks.1.") for k in last)
+    proc = cli("eval", "classify", run, "--data", data)
+    assert proc.returncode == 0, proc.stderr
+    top1 = float(eval_rows(run)[-1]["top1"])
+    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(top1, abs=1e-5)
+    # a grid the stem cannot give (8 / 3), a run folder with its own architecture
+    proc = cli(*args, "-o", tmp_path / "bad", "--vision-args", "patch_size=3")
+    assert proc.returncode == 1 and "timm cannot build 'vit_tiny_r_s16_p8_224'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    pre = tmp_path / "pre"
+    (pre / "export").mkdir(parents=True)
+    (pre / "export" / "vision.json").write_text("{}")
+    (pre / "export" / "vision.safetensors").write_bytes(b"")
+    proc = cli(*args, "-o", tmp_path / "bad2", "--init", pre, "--vision-args", "depth=1")
+    assert proc.returncode == 2 and "a run folder fixes its backbone" in proc.stderr
+    proc = cli(*args, "-o", tmp_path / "bad3", "--vision-args", "depth")
+    assert proc.returncode == 2 and "'depth' is not key=value" in proc.stderr
+
+
+def test_pretrain_vision_args_carry_into_the_fine_tune(cli, tmp_path):
+    """`pretrain --vision-args` builds that ViT and records it in export/vision.json; a
+    fine-tune from the run rebuilds the same network and loads its weights."""
+    import torch
+    from conftest import tiny_bert
+    from safetensors.torch import load_file
+    from test_pretrain_data import mstar_records, write_jsonl
+
+    records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 1))
+    pre = tmp_path / "pre"
+    proc = cli("pretrain", records, "-o", pre, "--vision", "vit_tiny_r_s16_p8_224",
+               "--vision-args", "patch_size=2,depth=1", "--image-size", "32",
+               "--text-layers", "1", "--max-tokens", "24", "--embed-dim", "16",
+               "--queue-size", "8", "--batch-size", "4", "--max-steps", "1", "--workers", "0",
+               "--text", str(tiny_bert()))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((pre / "export" / "vision.json").read_text())
+    assert meta["model_args"] == {"patch_size": 2, "depth": 1}
+    data = mstar_folders(tmp_path / "data", train=2, val=1)
+    run = tmp_path / "ft"
+    proc = cli("finetune", "classify", "--data", data, "-o", run, *TINY, "--init", pre,
+               "--epochs", "1", "--max-steps", "1", "--lr", "1e-12", "--warmup-steps", "0",
+               "--drop-path", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "config.json").read_text())["vision"]["model_args"] == {
+        "patch_size": 2,
+        "depth": 1,
+    }
+    exported = load_file(str(pre / "export" / "vision.safetensors"))
+    last = load_file(str(run / "last.safetensors"))
+    for key in ("patch_embed.backbone.conv.weight", "patch_embed.proj.weight"):
+        assert torch.allclose(last[f"backbone.{key}"], exported[key], atol=1e-6), key

@@ -11,6 +11,7 @@ import typer
 
 from sarkit import log, plugins
 from sarkit.errors import SarkitError, UsageError
+from sarkit.model.visionargs import parse_vision_args
 from sarkit.outputs import check_new_run
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
@@ -68,6 +69,13 @@ def command(
     ),
     vision_weights: str = typer.Option(
         None, "--vision-weights", help="'timm' (pretrained download) or a weights file."
+    ),
+    vision_args: str = typer.Option(
+        None,
+        "--vision-args",
+        parser=parse_vision_args,
+        help="timm constructor keywords for the ViT, e.g. patch_size=2,depth=6 (recorded "
+        "in export/vision.json, so fine-tunes rebuild it).",
     ),
     text: str = typer.Option(
         None, "--text", help="BERT name or folder (default: offline all-MiniLM-L6-v2)."
@@ -163,6 +171,7 @@ def command(
         eval_every=eval_every,
         vision=vision,
         vision_weights=vision_weights,
+        vision_args=dict(vision_args or {}),
         init=init,
         image_size=image_size,
         center_crop=center_crop,

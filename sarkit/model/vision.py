@@ -96,7 +96,14 @@ def build_vision(
                 f"could not fetch pretrained timm weights for '{name}' ({exc}); "
                 "pass a local weights file instead"
             ) from exc
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:  # a keyword or size timm refuses
+        given = ", ".join(f"{k}={v}" for k, v in (model_args or {}).items()) or "no extra args"
+        raise SarkitError(
+            f"timm cannot build '{name}' at {image_size} px with {given}: "
+            f"{exc or type(exc).__name__}"
+        ) from None
     if weights:
         state = adapt_state(model, load_state_file(weights))
         missing, _ = model.load_state_dict(state, strict=False)

@@ -61,23 +61,35 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_init(init: str, vision: str, image_size: int) -> tuple[BackboneSpec, str | None]:
-    """(the backbone's spec, the weights to load: None, 'timm' or a file) for ``--init``."""
+def resolve_init(
+    init: str, vision: str, image_size: int, model_args: dict | None = None
+) -> tuple[BackboneSpec, str | None]:
+    """(the backbone's spec, the weights to load: None, 'timm' or a file) for ``--init``.
+
+    `model_args` (``--vision-args``) shape a random, timm or FILE backbone; a run folder's
+    export fixes its own architecture, so they are refused there rather than ignored.
+    """
     from sarkit.model.vision import vision_name
 
+    args = dict(model_args or {})
     if init == "random":
-        spec = BackboneSpec(vision_name(vision), image_size, provenance={"kind": "random"})
+        spec = BackboneSpec(vision_name(vision), image_size, args, provenance={"kind": "random"})
         return spec, None
     if init.startswith("timm:"):
         name = init.removeprefix("timm:")
         if not name:
             raise UsageError("--init timm:NAME needs a timm model name")
         spec = BackboneSpec(
-            vision_name(name), image_size, provenance={"kind": "timm", "name": name}
+            vision_name(name), image_size, args, provenance={"kind": "timm", "name": name}
         )
         return spec, "timm"
     path = Path(init)
     if path.is_dir():
+        if args:
+            raise UsageError(
+                f"--init {init}: a run folder fixes its backbone's architecture; "
+                "--vision-args applies to random, timm:NAME and FILE inits"
+            )
         meta_path = path / "export" / "vision.json"
         weights = path / "export" / "vision.safetensors"
         if not meta_path.exists() or not weights.exists():
@@ -111,6 +123,7 @@ def resolve_init(init: str, vision: str, image_size: int) -> tuple[BackboneSpec,
         spec = BackboneSpec(
             vision_name(vision),
             image_size,
+            args,
             provenance={"kind": "file", "path": str(path.resolve()), "sha256": sha256(path)},
         )
         return spec, str(path)

@@ -146,7 +146,9 @@ class ClassifyHead:
         from sarkit.tasks.splits import seeded_split
 
         extra = options.extra
-        spec, weights = resolve_init(options.init, options.vision, options.image_size)
+        spec, weights = resolve_init(
+            options.init, options.vision, options.image_size, options.vision_args
+        )
         data = labelled.load(options.data, options.val_data)
         index = {c: i for i, c in enumerate(data.classes)}
         if data.val is None:

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from sarkit.hookspecs import HeadOption
+from sarkit.model.visionargs import parse_vision_args
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -64,6 +65,12 @@ def finetune_options(head: Any) -> list[click.Option]:
             "timm ViT for random/FILE inits (tiny/small/base/large or a timm name).",
             dest="vision",
             fallback="vit_tiny_patch16_224",
+        ),
+        click.Option(
+            ["--vision-args"],
+            type=parse_vision_args,
+            help="timm constructor keywords for random/timm/FILE inits, e.g. "
+            "patch_size=2,depth=6 (a run init keeps its own).",
         ),
         opt(
             ["--image-size"],

@@ -359,7 +359,9 @@ class DetectHead:
         from sarkit.tasks.splits import seeded_split
 
         extra = options.extra
-        spec, weights = resolve_init(options.init, options.vision, options.image_size)
+        spec, weights = resolve_init(
+            options.init, options.vision, options.image_size, options.vision_args
+        )
         data = detdata.load(options.data)
         detdata.report(str(options.data), data.skipped)
         if not data.items:

@@ -18,6 +18,7 @@ class FinetuneOptions(LoopOptions):
     val_data: str | None = None
     init: str = "random"  # RUN folder | timm:NAME | random | weights FILE
     vision: str = "vit_tiny_patch16_224"
+    vision_args: dict[str, Any] = field(default_factory=dict)  # timm kwargs (--vision-args)
     image_size: int = 64
     drop_path: float = 0.1
     val_fraction: float = 0.2  # the seeded split when the data gives none (4:1)

@@ -220,7 +220,9 @@ class SegmentHead:
         from sarkit.tasks.splits import seeded_split
 
         extra = options.extra
-        spec, weights = resolve_init(options.init, options.vision, options.image_size)
+        spec, weights = resolve_init(
+            options.init, options.vision, options.image_size, options.vision_args
+        )
         palette = self._palette(extra)
         ignore = extra.get("ignore_index")
         train, val = segdata.find(options.data)

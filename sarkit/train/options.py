@@ -54,6 +54,7 @@ class PretrainOptions(LoopOptions):
     # model
     vision: str = "vit_base_patch16_224"
     vision_weights: str | None = None
+    vision_args: dict = field(default_factory=dict)  # timm kwargs (--vision-args)
     init: str | None = None  # a run or checkpoint folder to start from (new schedule)
     image_size: int = 224
     center_crop: float = 1.0  # keep this side fraction of every tile (MSTAR chips: 88/128)

@@ -48,6 +48,7 @@ def model_config(options: PretrainOptions, fields: tuple[str, ...]):
         vision=options.vision,
         image_size=options.image_size,
         vision_weights=options.vision_weights,
+        vision_args=dict(options.vision_args),
         drop_path=options.drop_path,
         text=options.text,
         text_layers=options.text_layers,
