@@ -16,6 +16,7 @@ gathered) moves the losses by percents from the third step on.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -205,3 +206,56 @@ def test_deepspeed_world_change_is_a_clear_error():
     assert "under ZeRO-3" in why and "resume with 2 process(es)" in why and "\n" not in why
     engine.stage = 1
     assert "resume with 4 process(es)" in engine.resumable_on({"world": 4, "zero_stage": 1}, 8)
+
+
+def test_zero3_splits_the_momentum_towers_and_resumes_them(tmp_path):
+    """Two processes under ZeRO-3: each rank holds half of the momentum towers (its own
+    checkpoint file of shards, about half their size), the EMA moves those shards, and a
+    run resumed from step 2 ends with exactly the momentum towers and losses of the
+    uninterrupted run. The export gathers them whole, and they are the towers DDP's
+    unsplit EMA makes from the same batches."""
+    from safetensors import safe_open
+
+    records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 2)[:16])
+    # a fast EMA (0.5): a stale or misapplied shard update shows against DDP's towers
+    ds = ["--deepspeed", "zero3", "--save-every", "2", "--momentum", "0.5"]
+    full = run2(records, tmp_path / "full", *ds)
+    step2 = tmp_path / "full" / "checkpoints" / "step-00000002"
+    shards = [step2 / f"task-rank{r}.safetensors" for r in (0, 1)]
+    with safe_open(str(tmp_path / "full" / "momentum.safetensors"), "pt") as fh:
+        whole = {k: fh.get_slice(k).get_shape() for k in fh.keys()}  # noqa: SIM118
+        numel = {k: math.prod(s) for k, s in whole.items()}
+    split_names = set()
+    per_rank = []
+    for path in shards:
+        with safe_open(str(path), "pt") as fh:
+            names = list(fh.keys())
+            split_names |= set(names)
+            per_rank.append(sum(math.prod(fh.get_slice(k).get_shape()) for k in names))
+    towers = sum(n for k, n in numel.items() if k in split_names)
+    assert split_names and all(k in whole for k in split_names)
+    assert not any("queue" in k for k in split_names)  # the queues stay whole, on rank 0
+    for got in per_rank:  # half each, give or take the padding of odd-sized tensors
+        assert 0.5 * towers <= got <= 0.5 * towers + len(split_names)
+    with safe_open(str(step2 / "task.safetensors"), "pt") as fh:
+        assert not set(fh.keys()) & split_names
+
+    again = run2(records, tmp_path / "again", *ds, "--resume", str(step2))
+    assert [r["step"] for r in again] == ["3", "4"]
+    for a, b in zip(full[2:], again, strict=True):
+        for key in ("loss", "itc", "itm", "mlm", "temp"):
+            assert a[key] == b[key], (key, a, b)
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "momentum.safetensors"))
+    b = load_file(str(tmp_path / "again" / "momentum.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: list(v.shape) for k, v in a.items()} == {k: list(s) for k, s in whole.items()}
+
+    # the same EMA as DDP's unsplit towers, to the engines' reduction-order noise (1e-4)
+    run2(records, tmp_path / "ddp", "--momentum", "0.5")
+    c = load_file(str(tmp_path / "ddp" / "momentum.safetensors"))
+    diff = sum(float((a[k] - c[k]).pow(2).sum()) for k in split_names) ** 0.5
+    norm = sum(float(c[k].pow(2).sum()) for k in split_names) ** 0.5
+    assert diff / norm < 1e-3, diff / norm

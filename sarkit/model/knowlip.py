@@ -616,10 +616,19 @@ class Momentum(nn.Module):
     ) -> None:
         """EMA step towards the live model.
 
-        `gathered` gives full ZeRO-3 parameters; they are gathered in chunks of about
+        Towers split by :meth:`split` move on their local shards (no communication);
+        otherwise `gathered` gives full ZeRO-3 parameters, gathered in chunks of about
         `chunk` elements, never the whole model at once (ViT-L: 1.2 GB more per rank).
         """
+        from sarkit.train.zero3 import is_split, shard
+
         pairs = self.pairs(model)
+        local = [(shard(p_m), shard(p)) for p_m, p in pairs if is_split(p_m)]
+        for a, b in local:
+            if a.shape != b.shape:  # the engine split its parameter otherwise
+                raise RuntimeError(f"momentum shard {tuple(a.shape)} != live {tuple(b.shape)}")
+        self._lerp([(a, b if b.device == a.device else b.to(a.device)) for a, b in local])
+        pairs = [(p_m, p) for p_m, p in pairs if not is_split(p_m)]
         if gathered is None:
             self._lerp(pairs)
             return
@@ -635,6 +644,38 @@ class Momentum(nn.Module):
         if group:
             with gathered([q for _, q in group]):
                 self._lerp(group)
+
+    def split(self, ds_config: dict) -> None:
+        """Split the towers across the ranks as ZeRO-3 splits the live model (call after
+        the engine is built): 1/world of the momentum weights per rank."""
+        from sarkit.train.zero3 import partition
+
+        partition(self, ds_config)
+
+    def whole_state(self) -> dict[str, torch.Tensor]:
+        """The state every rank holds whole (queues, unsplit weights): rank 0 saves it."""
+        from sarkit.train.zero3 import is_split
+
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not is_split(v)}
+
+    def shard_state(self) -> dict[str, torch.Tensor]:
+        """This rank's shards of the split weights (empty unless :meth:`split`)."""
+        from sarkit.train.zero3 import is_split
+
+        return {k: v.ds_tensor for k, v in self.named_parameters() if is_split(v)}
+
+    def exported(self) -> tuple[dict, Any]:
+        """(name -> (dtype, shape), whole fp32 CPU tensors one at a time) for
+        momentum.safetensors; every rank must run the iterator (split weights gather)."""
+        from sarkit.model.weights import saved_dtype, saved_tensors
+        from sarkit.train.zero3 import full_tensors
+
+        pairs = saved_tensors(self)
+        specs = {n: (saved_dtype(t), tuple(getattr(t, "ds_shape", t.shape))) for n, t in pairs}
+        return specs, full_tensors(pairs, saved_dtype)
+
+    def _load_counters(self) -> None:
+        self._ptr = self._filled = None  # the loaded buffers are read again when needed
 
     def _lerp(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         same = [(p_m, p) for p_m, p in pairs if p_m.dtype == p.dtype]
@@ -679,7 +720,7 @@ class Momentum(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._ptr = self._filled = None  # the loaded buffers are read again when needed
+        self._load_counters()
 
     def queued(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self._counters()[1]

@@ -85,6 +85,7 @@ class Loop:
         self.main = self.rank == 0
         self.engine = make_engine(task, o, self.device, self.world)
         task.to(self.device)
+        task.attach(self.engine)
         self.dataset = dataset
         self.sampler = EpochSampler(len(dataset), o.seed, self.rank, self.world)
         self.loader = torch.utils.data.DataLoader(
@@ -147,6 +148,9 @@ class Loop:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_file(rng, str(tmp / f"rng-rank{self.rank}.safetensors"))
+        shards = self.task.rank_state()
+        if shards:
+            write_tensors(tmp / f"task-rank{self.rank}.safetensors", shards)
         if self.main:
             extra = self.task.extra_state()
             if extra:
@@ -194,6 +198,8 @@ class Loop:
     def load_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
+        from sarkit.model.weights import read_into
+
         try:
             state = json.loads((folder / "state.json").read_text())
             step = int(state["step"])
@@ -215,13 +221,20 @@ class Loop:
             raise SarkitError(f"{folder}: {why}")
         self.engine.load(folder)
         extra = folder / "task.safetensors"
-        if extra.exists():
-            try:
-                self.task.load_extra_state(load_file(str(extra), device=str(self.device)))
-            except SarkitError:
-                raise
-            except Exception as exc:
-                raise SarkitError(f"{extra}: not a readable safetensors file ({exc})") from None
+        shards = folder / f"task-rank{self.rank}.safetensors"
+        current = extra
+        try:
+            if extra.exists():
+                self.task.load_extra_file(extra, self.device)
+            targets, current = self.task.rank_state(), shards
+            if targets:
+                if not shards.exists():
+                    raise SarkitError(f"{shards} is missing: resume with the saved world size")
+                read_into(shards, targets)
+        except SarkitError:
+            raise
+        except Exception as exc:
+            raise SarkitError(f"{current}: not a readable safetensors file ({exc})") from None
         rng_file = folder / f"rng-rank{self.rank}.safetensors"
         if rng_file.exists():
             rng = load_file(str(rng_file))
@@ -421,6 +434,7 @@ class Loop:
             self.task.export(self.out, self.engine.module, specs, tensors)
         for _ in tensors:  # every rank takes part in every gather, the task's or not
             pass
+        self.task.export_all_ranks(self.out, self.main)
         barrier()
 
 

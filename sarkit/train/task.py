@@ -62,12 +62,30 @@ class ModuleTask:
     def to(self, device: torch.device) -> None:
         """Move what the task keeps outside the engine (after the engine placed the model)."""
 
+    def attach(self, engine: Any) -> None:
+        """Called once the engine is built (after `to`): e.g. split outside state as it splits."""
+
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors beyond the engine's (model + optimiser) that a resume needs."""
+        """Tensors beyond the engine's (model + optimiser) that a resume needs (rank 0 saves)."""
         return {}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+    def load_extra_file(self, path: Path, device: torch.device) -> None:
+        """Load what `extra_state` saved (every rank)."""
+        from safetensors.torch import load_file
+
+        self.load_extra_state(load_file(str(path), device=str(device)))
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """Tensors each rank saves in a file of its own (ZeRO-3 shards of outside state);
+        resumed by reading into the same tensors in place."""
+        return {}
+
+    def export_all_ranks(self, out: Path, main: bool) -> None:
+        """Exports that every rank takes part in (gathers of split outside state), after
+        `export`; rank 0 (`main`) writes."""
 
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """Held-out metrics; called on every rank at once (ZeRO-3 forwards need all ranks)."""
@@ -90,6 +108,47 @@ def write_weights(path: Path, specs: dict, tensors: Iterator) -> None:
 
     with atomic_path(path) as tmp:
         write_safetensors(tmp, specs, tensors)
+
+
+class MomentumTask:
+    """A task with momentum towers and queues outside the engine (pretraining, retrieval):
+    fp32 whatever the engine's precision, split across the ranks under ZeRO-3, moved
+    towards the live model (its temperature clamped) once per optimiser step."""
+
+    momentum: Any
+
+    def live(self, module: nn.Module) -> Any:
+        """The KnowLIP model inside the engine's module."""
+        return module
+
+    def to(self, device: torch.device) -> None:
+        self.momentum.to(device)
+
+    def attach(self, engine: Any) -> None:
+        if getattr(engine, "stage", 0) == 3:
+            self.momentum.split(engine.config)
+
+    def before_step(self, step: int, engine: Any) -> None:
+        from sarkit.model.knowlip import TEMP_RANGE
+
+        live = self.live(engine.module)
+        engine.clamp_parameter(live.temp, *TEMP_RANGE)
+        self.momentum.update(live, engine.gathered)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self.momentum.whole_state()
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        return self.momentum.shard_state()
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.momentum.load_state_dict(state, strict=True)
+
+    def load_extra_file(self, path: Path, device: torch.device) -> None:
+        from sarkit.model.weights import read_into
+
+        read_into(path, self.momentum.whole_state())
+        self.momentum._load_counters()
 
 
 EvalFn = Callable[[nn.Module], dict[str, float]]

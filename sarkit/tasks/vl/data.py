@@ -25,6 +25,7 @@ from torch import nn
 from sarkit import log
 from sarkit.errors import SarkitError
 from sarkit.tasks.finetune import HeadTask
+from sarkit.train.task import MomentumTask
 
 CAPTION_FIELD = "caption"
 
@@ -433,15 +434,15 @@ class FeatureModel:
         return torch.cat(out)
 
 
-class RetrievalTask(HeadTask):
+class RetrievalTask(MomentumTask, HeadTask):
     """A head task plus the momentum towers and queue, kept outside the engine (fp32) as in
     pretraining; ``momentum`` and ``alpha`` are set by the head."""
 
     momentum: Any = None
     alpha: float = 0.4
 
-    def to(self, device: torch.device) -> None:
-        self.momentum.to(device)
+    def live(self, module: Any) -> Any:
+        return module.lip
 
     def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype, step: int) -> dict:
         from sarkit.train.task import to_device
@@ -449,15 +450,3 @@ class RetrievalTask(HeadTask):
         kwargs = to_device(batch, device, dtype)
         kwargs.update(momentum=self.momentum, alpha=self.alpha)
         return kwargs
-
-    def before_step(self, step: int, engine: Any) -> None:
-        from sarkit.model.knowlip import TEMP_RANGE
-
-        engine.clamp_parameter(engine.module.lip.temp, *TEMP_RANGE)
-        self.momentum.update(engine.module.lip, engine.gathered)
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return dict(self.momentum.state_dict())
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.momentum.load_state_dict(state, strict=True)
