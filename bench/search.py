@@ -2,15 +2,22 @@
 
     .venv/bin/python bench/search.py [--sizes 10000,100000,1000000] [--queries 200]
         [--tiles 256] [--embed-models vit_tiny_patch16_224,vit_base_patch16_224] [--dim 256]
+        [--indexes faiss-ivf,faiss-ivfpq,hnsw]
 
 1. Embedding: tiles/s of the real `embed` path (read + preprocess with -j 2 threads, the
    vision tower, chunks written) over --tiles MSTAR chips (../shared/data), for a
    random-init KnowLIP of each --embed-models ViT at 224 px with the offline MiniLM text
    tower (speed does not depend on the weights).
 2. Query latency at each --sizes: synthetic unit vectors of dimension --dim (KnowLIP's ITC
-   dimension, embed_dim 256), one query at a time: the exact numpy scan against the FAISS
-   IVF (`faiss-ivf`: nlist ~ 4 sqrt(n), nprobe calibrated at build), p50 / p99 ms, and
-   recall@10 of the IVF against the exact top 10.
+   dimension, embed_dim 256), one query at a time (one thread, as `search` runs one): the
+   exact numpy scan against each --indexes: the two FAISS backends as `embed` builds and
+   `search` opens them (`faiss-ivf`: IndexIVFFlat; `faiss-ivfpq`: the same lists over 4-bit
+   PQ fast-scan codes, candidates re-scored on the stored vectors; both with nprobe
+   calibrated at build), and FAISS's IndexHNSWFlat (M 16, efSearch raised until the same
+   calibration queries reach recall@10 0.95; a comparison, not a backend). Build s, open s
+   (reading the backend's files), p50 / p99 ms, recall@10 against the exact top 10, and the
+   memory an index holds beyond the stored vectors (from its sizes, and the RSS growth).
+   The load average at the start and the end is printed: the figures depend on it.
 
 Synthetic data: real image embeddings are clustered, so the vectors are n / 100 cluster
 centres plus Gaussian noise (cosine to the centre ~0.71, between two tiles of a cluster
@@ -19,9 +26,10 @@ centre ~0.55, to its tiles ~0.39), like a text query that sits apart from the im
 (the modality gap). The structure decides the IVF's recall: with noisier clusters (tiles of
 a cluster at cosine ~0.2, queries at ~0.3 to them) a query's true top 10 at 1M vectors is
 barely above the best of a million unrelated ones (~0.3), and the calibration needed 1,228
-of 2,000 lists (315 ms, slower than no index would be on a quiet machine). Uniform random
-vectors on the sphere are the worst case, where no index beats a scan. Vectors are
-generated in blocks of 100k (peak memory at 1M: ~2.3 GB: the vectors and the IVF's copy).
+of 2,000 lists with the flat IVF (315 ms, slower than no index would be on a quiet
+machine). Uniform random vectors on the sphere are the worst case, where no index beats a
+scan. Vectors are generated in blocks of 100k; one index is held at a time (peak memory at
+1M: ~2.5 GB: the vectors and the flat IVF's or HNSW's copy of them).
 """
 
 from __future__ import annotations
@@ -68,42 +76,125 @@ def latency(searcher, q: np.ndarray, k: int = 10) -> tuple[list[float], np.ndarr
     return times, np.stack(found)
 
 
-def bench_queries(sizes: list[int], d: int, nq: int) -> list[tuple]:
-    from sarkit.search.backends import ExactSearcher, IVFBackend, recall_at
+def rss_mb() -> float:
+    """Resident memory now (not the peak): the growth across an open is what it holds."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def structure_mb(searcher, folder: Path) -> float:
+    """What the index structure holds, from its sizes (RSS growth under-counts when the
+    freed memory of the index before is reused): the flat IVF's copy of the vectors and
+    ids, the IVF-PQ file FAISS reads whole, HNSW's copy of the vectors and its links."""
+    name = getattr(searcher, "name", "")
+    if name == "exact":
+        return 0.0
+    index = searcher.index
+    if name == "faiss-ivf":
+        return (index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4) / 2**20
+    if name == "faiss-ivfpq":
+        return (folder / "ivfpq.faiss").stat().st_size / 2**20
+    h = index.hnsw
+    links = h.neighbors.size() * 4 + h.levels.size() * 4 + h.offsets.size() * 8
+    return (index.ntotal * index.d * 4 + links) / 2**20
+
+
+class HNSWSearcher:
+    """FAISS IndexHNSWFlat, for comparison only (not a sarkit backend): efSearch raised
+    until the backends' calibration queries reach recall@10 0.95, as their nprobe is."""
+
+    exact = False
+    name = "hnsw"
+
+    def __init__(self, x: np.ndarray, m: int):
+        import faiss
+
+        self.index = faiss.IndexHNSWFlat(x.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = 40
+        self.index.add(x)
+
+    def search(self, q: np.ndarray, k: int, allowed=None):
+        from sarkit.search.backends import few_threads
+
+        with few_threads(len(q)):
+            return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def tune(self, q: np.ndarray, truth: np.ndarray) -> int:
+        from sarkit.search.backends import recall_at
+
+        for ef in (16, 32, 64, 128, 256, 512):
+            self.index.hnsw.efSearch = ef
+            if recall_at(self.search(q, 10)[1], truth) >= 0.95:
+                break
+        return ef
+
+
+def bench_queries(sizes: list[int], d: int, nq: int, kinds: list[str]) -> list[tuple]:
+    """Per size: (n, index, build s, open s, p50 ms, p99 ms, recall@10, MB, RSS MB)."""
+    import gc
+
+    from sarkit.search.backends import (
+        ExactSearcher,
+        IVFBackend,
+        IVFPQBackend,
+        calibration_queries,
+        exact_top,
+        recall_at,
+    )
 
     out = []
     for n in sizes:
         x, q = synthetic(n, d, nq)
-        exact = ExactSearcher(x)
-        t_ex, truth = latency(exact, q)
-        with tempfile.TemporaryDirectory(prefix="sarkit-bench-search-") as tmp:
-            t0 = time.perf_counter()
-            settings = IVFBackend().build(x, Path(tmp))
-            built = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ivf = IVFBackend().open(x, Path(tmp), settings)
-            opened = time.perf_counter() - t0
-            t_ivf, found = latency(ivf, q)
-        rec = recall_at(found, truth)
-        out.append((n, "exact", np.percentile(t_ex, 50), np.percentile(t_ex, 99), 1.0, "", ""))
-        out.append(
-            (
-                n,
-                f"faiss-ivf nlist {settings['nlist']} nprobe {settings['nprobe']}",
-                np.percentile(t_ivf, 50),
-                np.percentile(t_ivf, 99),
-                rec,
-                f"{built:.1f}",
-                f"{opened:.2f}",
-            )
-        )
-        print(
-            f"n={n}: exact p50 {out[-2][2]:.2f} ms, ivf p50 {out[-1][2]:.2f} ms recall {rec:.3f}",
-            file=sys.stderr,
-            flush=True,
-        )
-        del x, exact, ivf
+        truth = exact_top(x, q, 10)
+        t_ex, found = latency(ExactSearcher(x), q)
+        assert recall_at(found, truth) == 1.0
+        row = (n, "exact", "", "", np.percentile(t_ex, 50), np.percentile(t_ex, 99), 1.0, 0.0, 0.0)
+        out.append(row)
+        log_row(row, os.getloadavg()[0])
+        for kind in kinds:
+            gc.collect()
+            with tempfile.TemporaryDirectory(prefix="sarkit-bench-search-") as tmp:
+                if kind == "hnsw":
+                    before = rss_mb()
+                    t0 = time.perf_counter()
+                    searcher = HNSWSearcher(x, 16)
+                    ef = searcher.tune(*calibration_queries(x, np.random.default_rng(0)))
+                    built, opened, name = time.perf_counter() - t0, "", f"hnsw M 16 ef {ef}"
+                else:
+                    backend = {"faiss-ivf": IVFBackend, "faiss-ivfpq": IVFPQBackend}[kind]()
+                    t0 = time.perf_counter()
+                    settings = backend.build(x, Path(tmp))
+                    built = time.perf_counter() - t0
+                    gc.collect()
+                    before = rss_mb()
+                    t0 = time.perf_counter()
+                    searcher = backend.open(x, Path(tmp), settings)
+                    opened = time.perf_counter() - t0
+                    name = f"{kind} nlist {settings['nlist']} nprobe {settings['nprobe']}"
+                    if "rerank_factor" in settings:
+                        name += f" x{settings['rerank_factor']}"
+                held = rss_mb() - before
+                size = structure_mb(searcher, Path(tmp))
+                times, found = latency(searcher, q)
+            row = (n, name, built, opened, np.percentile(times, 50), np.percentile(times, 99),
+                   recall_at(found, truth), size, held)  # fmt: skip
+            out.append(row)
+            log_row(row, os.getloadavg()[0])
+            del searcher
+        del x
     return out
+
+
+def log_row(row: tuple, load: float) -> None:
+    """The row at once on stderr (a 1M run takes long enough to be stopped)."""
+    n, name, built, opened, p50, p99, rec, size, held = row
+    built = f"built {built:.1f} s, " if built != "" else ""
+    print(f"n={n} {name}: {built}p50 {p50:.2f} ms p99 {p99:.2f} ms recall {rec:.3f}, "
+          f"{size:.0f} MB ({held:.0f} MB RSS) (load {load:.1f})", file=sys.stderr,
+          flush=True)  # fmt: skip
 
 
 def random_run(folder: Path, vision: str, image_size: int) -> Path:
@@ -157,11 +248,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--tiles", type=int, default=256)
     ap.add_argument("--embed-models", default="vit_tiny_patch16_224,vit_base_patch16_224")
+    ap.add_argument("--indexes", default="faiss-ivf,faiss-ivfpq,hnsw")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     models = [m for m in args.embed_models.split(",") if m]
+    kinds = [k for k in args.indexes.split(",") if k]
+    load0 = os.getloadavg()
     emb = bench_embed(models, args.tiles) if models and args.tiles else []
-    rows = bench_queries(sizes, args.dim, args.queries) if sizes else []
+    rows = bench_queries(sizes, args.dim, args.queries, kinds) if sizes else []
+    load1 = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) at the start {load0[0]:.1f} {load0[1]:.1f} "
+          f"{load0[2]:.1f}, at the end {load1[0]:.1f} {load1[1]:.1f} {load1[2]:.1f}")  # fmt: skip
     if emb:
         print("\nembedding (sarkit embed, 224 px, batch 32, -j 2, one process)")
         print("(tiles/s: the embedding loop; seconds: the whole call, loading the run too)")
@@ -169,13 +266,18 @@ def main() -> None:
         for v, n, s, r, t in emb:
             print(f"{v:<24} {n:>6} {s:>8.1f} {r:>8.1f} {t:>7}")
     if rows:
-        print(f"\nquery latency, d={args.dim}, {args.queries} single queries, k=10")
+        print(f"\nquery latency, d={args.dim}, {args.queries} single queries, k=10, one thread")
+        print("(MB: the index structure beyond the stored vectors, from its sizes; RSS MB: the")
+        print(" resident growth across opening it, low where freed memory was reused)")
         print(
-            f"{'vectors':>9} {'index':<34} {'p50 ms':>7} {'p99 ms':>7} {'recall@10':>9} "
-            f"{'build s':>7} {'open s':>6}"
+            f"{'vectors':>9} {'index':<44} {'build s':>7} {'open s':>6} {'p50 ms':>7} "
+            f"{'p99 ms':>7} {'recall@10':>9} {'MB':>6} {'RSS MB':>6}"
         )
-        for n, name, p50, p99, rec, built, opened in rows:
-            print(f"{n:>9} {name:<34} {p50:>7.2f} {p99:>7.2f} {rec:>9.3f} {built:>7} {opened:>6}")
+        for n, name, built, opened, p50, p99, rec, size, held in rows:
+            b = f"{built:.1f}" if built != "" else ""
+            o = f"{opened:.2f}" if opened != "" else ""
+            print(f"{n:>9} {name:<44} {b:>7} {o:>6} {p50:>7.2f} {p99:>7.2f} {rec:>9.3f} "
+                  f"{size:>6.0f} {held:>6.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

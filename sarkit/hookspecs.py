@@ -103,11 +103,11 @@ class IndexBackend(Protocol):
 
     Vectors are unit-length float32 rows, so inner product = cosine similarity. ``build``
     runs once at the end of `sarkit embed` over every vector and writes its own files into
-    `folder` (numpy or safetensors, never pickle); it returns JSON-able settings the index
-    manifest keeps. ``open`` makes a searcher at query time: ``searcher.search(queries
-    (q, d), k, allowed)`` returns (scores, indices), each (q, k), best first, -1 where fewer
-    than k were found; ``allowed`` is None or an (n,) bool mask of the tiles the filters
-    keep. ``searcher.exact`` says whether the ranking is exact.
+    `folder` (numpy, safetensors or ``faiss.write_index``; never pickle); it returns
+    JSON-able settings the index manifest keeps. ``open`` makes a searcher at query time:
+    ``searcher.search(queries (q, d), k, allowed)`` returns (scores, indices), each (q, k),
+    best first, -1 where fewer than k were found; ``allowed`` is None or an (n,) bool mask
+    of the tiles the filters keep. ``searcher.exact`` says whether the ranking is exact.
     """
 
     name: str
@@ -200,9 +200,10 @@ def sarkit_index_backends() -> list[IndexBackend]:
     """Contribute vector index backends for ``sarkit embed`` / ``sarkit search``.
 
     Called when an index is built (end of ``embed``) or opened (``search``). Return
-    :class:`IndexBackend` objects. Built-in: ``exact`` (a numpy scan) and ``faiss-ivf``
-    (FAISS IndexIVFFlat, nprobe calibrated to recall@10 >= 0.95); ``embed --backend auto``
-    takes ``faiss-ivf`` from ``sarkit.search.backends.AUTO_MIN`` vectors. Collected; a later
+    :class:`IndexBackend` objects. Built-in: ``exact`` (a numpy scan), ``faiss-ivf``
+    (FAISS IndexIVFFlat) and ``faiss-ivfpq`` (IVF over 4-bit PQ codes, candidates re-scored
+    on the stored vectors), nprobe calibrated to recall@10 >= 0.95; ``embed --backend auto``
+    takes ``faiss-ivfpq`` from ``sarkit.search.backends.AUTO_MIN`` vectors. Collected; a later
     plugin's backend with the same name replaces the earlier one.
     """
 

@@ -232,27 +232,96 @@ def test_filters_geojson_and_contact_sheet(geo_index, cli_in_process, tmp_path):
         assert im.size[0] > 4 * 100 and im.size[1] > 100
 
 
-def test_faiss_ivf_backend_matches_exact_and_respects_filters(tmp_path):
-    from sarkit.search.backends import ExactSearcher, IVFBackend, recall_at
+@pytest.mark.parametrize("kind", ["faiss-ivf", "faiss-ivfpq"])
+def test_faiss_backends_match_exact_and_respect_filters(tmp_path, kind):
+    from sarkit.errors import SarkitError
+    from sarkit.search.backends import ExactSearcher, IVFBackend, IVFPQBackend, recall_at
 
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((40, 32)).astype(np.float32)
     x = centres[rng.integers(0, 40, 4000)] + 0.3 * rng.standard_normal((4000, 32))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     q = x[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
-    backend = IVFBackend()
+    backend = {"faiss-ivf": IVFBackend, "faiss-ivfpq": IVFPQBackend}[kind]()
     settings = backend.build(x, tmp_path / "ivf")
-    assert settings["nlist"] > 1 and sorted(os.listdir(tmp_path / "ivf")) == [
-        "assign.npy",
-        "centroids.npy",
-    ]
+    files = {"faiss-ivf": ["assign.npy", "centroids.npy"], "faiss-ivfpq": ["ivfpq.faiss"]}
+    assert settings["nlist"] > 1 and sorted(os.listdir(tmp_path / "ivf")) == files[kind]
     ivf = backend.open(x, tmp_path / "ivf", settings)
     truth = ExactSearcher(x).search(q, 10)[1]
-    assert recall_at(ivf.search(q, 10)[1], truth) >= 0.9
+    scores, idx = ivf.search(q, 10)
+    assert recall_at(idx, truth) >= 0.9
+    # the scores are the cosines of the hits, best first (re-scored on the stored floats)
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[idx], q), atol=1e-4)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
     allowed = np.zeros(len(x), bool)
     allowed[::7] = True
     _, idx = ivf.search(q, 10, allowed)
-    assert np.all(allowed[idx[idx >= 0]])
+    assert np.all(allowed[idx[idx >= 0]]) and (idx >= 0).mean() > 0.9
+    with pytest.raises(SarkitError, match="does not fit|do not fit"):
+        backend.open(x[:100], tmp_path / "ivf", settings)
+    if kind == "faiss-ivfpq":
+        assert settings["pq"] == "8x4" and settings["rerank_factor"] >= 2
+        (tmp_path / "ivf" / "ivfpq.faiss").write_bytes(b"IwPQ junk")
+        with pytest.raises(SarkitError, match="ivfpq.faiss: damaged faiss-ivfpq file"):
+            backend.open(x, tmp_path / "ivf", settings)
+        with pytest.raises(SarkitError, match="at least 256 vectors"):
+            backend.build(x[:255], tmp_path / "small")
+
+
+def test_nprobe_calibration_finds_the_smallest_passing_count(capsys):
+    """x1.5 steps overshoot (364 fails, 546 passes at 1M vectors): the last step is halved
+    until within ~6 % of the smallest count that reaches the target recall."""
+    from sarkit import log
+    from sarkit.search.backends import TARGET_RECALL, calibrate_nprobe
+
+    log.configure(quiet=False)
+    asked: list[int] = []
+
+    def recall_of(nprobe: int) -> float:
+        asked.append(nprobe)
+        return TARGET_RECALL if nprobe >= 400 else TARGET_RECALL - 0.01
+
+    got = calibrate_nprobe(recall_of, 2000, "test-index")
+    assert 400 <= got <= 425 and len(asked) < 25
+    assert "needs" not in capsys.readouterr().err  # 400 of 2,000: no warning
+    assert calibrate_nprobe(recall_of, 2000, "test-index", warn_share=0.1) == got
+    assert "test-index: recall@10 0.95 needs" in capsys.readouterr().err
+    assert calibrate_nprobe(lambda p: 0.5, 30, "test-index") == 30
+    assert "not reached even with all 30 lists" in capsys.readouterr().err
+    assert calibrate_nprobe(lambda p: 1.0, 30, "test-index") == 1
+
+
+def test_auto_builds_ivfpq_from_auto_min_and_search_uses_it(tmp_path, cli_in_process,
+                                                            monkeypatch):  # fmt: skip
+    """`embed --backend auto`'s choice by size (AUTO_MIN lowered to this archive's 600
+    vectors), and `search --like` through the built faiss-ivfpq index: the exact answer."""
+    from sarkit.search import backends
+    from sarkit.search.archive import Archive
+    from sarkit.search.embed import build_backend
+
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((30, 16)).astype(np.float32)
+    x = centres[rng.integers(0, 30, 600)] + 0.4 * rng.standard_normal((600, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    model = {"sha256": "0" * 64, "normalisation": "l2", "dim": 16, "run": None}
+    out = tmp_path / "syn.index"
+    archive = Archive.create_or_resume(out, model, 16)
+    archive.append(x, [{"id": f"v{i}", "path": f"v{i}.tif"} for i in range(600)],
+                   [f"/nowhere/v{i}.tif" for i in range(600)])  # fmt: skip
+    monkeypatch.setattr(backends, "AUTO_MIN", 601)
+    build_backend(archive)
+    assert Archive.open(out).manifest["backend"]["name"] == "exact"
+    monkeypatch.setattr(backends, "AUTO_MIN", 600)
+    build_backend(archive)
+    assert Archive.open(out).manifest["backend"]["name"] == "faiss-ivfpq"
+    proc = cli_in_process("search", out, "--like", "v0", "-k", "5", check=0)
+    assert "faiss-ivfpq (approximate)" in proc.stderr
+    got = [h["id"] for h in hits_of(proc.stdout)]
+    cos = x[1:] @ x[0]
+    assert got[:3] == [f"v{1 + i}" for i in np.argsort(-cos)[:3]]
+    exact = hits_of(cli_in_process("search", out, "--like", "v0", "-k", "5", "--exact",
+                                   check=0).stdout)  # fmt: skip
+    assert len(set(got) & {h["id"] for h in exact}) >= 4
 
 
 def test_a_plugin_backend_is_used_by_name(recs, run, tmp_path, cli_in_process):
@@ -418,6 +487,9 @@ def test_bad_input_is_one_line_and_writes_nothing(index, run, recs, tmp_path, cl
     fails(1, "search", index, "--like", "nowhere.tif", "-o", out, says="neither an id")
     fails(1, "embed", recs, "--run", tmp_path / "norun", "-o", tmp_path / "n.index",
           says="no such run folder")  # fmt: skip
+    proc = fails(1, "embed", recs, "--run", run, "-o", tmp_path / "pq.index", "--backend",
+                 "faiss-ivfpq", says="faiss-ivfpq backend needs at least 256 vectors")  # fmt: skip
+    assert proc.stderr.count("error:") == 1 and "the tiles embedded are kept" in proc.stderr
     notdir = tmp_path / "file.index"
     notdir.write_text("x")
     fails(2, "embed", recs, "--run", run, "-o", notdir, says="expected a folder")

@@ -32,8 +32,8 @@ def command(
     backend: str = typer.Option(
         "auto",
         "--backend",
-        help="Index structure: exact, faiss-ivf, a plugin's, or auto (faiss-ivf from 20,000 "
-        "tiles).",
+        help="Index structure: exact, faiss-ivf, faiss-ivfpq, a plugin's, or auto (faiss-ivfpq "
+        "from 20,000 tiles).",
     ),
 ) -> None:
     """Embed tiles with a run's vision tower into a search index (rerun resumes)."""

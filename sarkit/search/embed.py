@@ -166,13 +166,13 @@ def embed(options: EmbedOptions, report: Report) -> Path:
 
 
 def build_backend(archive, backend=None) -> None:
-    """Build the index structure: `backend`, or by size (FAISS IVF from ``AUTO_MIN``)."""
+    """Build the index structure: `backend`, or by size (FAISS IVF-PQ from ``AUTO_MIN``)."""
     from sarkit import plugins
-    from sarkit.search.backends import AUTO_MIN
+    from sarkit.search.backends import AUTO_BACKEND, AUTO_MIN
 
     current = archive.manifest.get("backend")
     if backend is None:
-        name = "faiss-ivf" if archive.count >= AUTO_MIN else "exact"
+        name = AUTO_BACKEND if archive.count >= AUTO_MIN else "exact"
         backend = plugins.lookup("sarkit_index_backends", name, "index backend")
     if current and current.get("name") == backend.name and current.get("count") == archive.count:
         return

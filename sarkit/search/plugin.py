@@ -1,4 +1,4 @@
-"""Built-in `sarkit embed` / `sarkit search` stages and the exact and FAISS index backends."""
+"""Built-in `sarkit embed` / `sarkit search` stages and the exact and two FAISS index backends."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from sarkit.plugins import hookimpl
 
 @hookimpl
 def sarkit_index_backends() -> list[Any]:
-    from sarkit.search.backends import ExactBackend, IVFBackend
+    from sarkit.search.backends import ExactBackend, IVFBackend, IVFPQBackend
 
-    return [ExactBackend(), IVFBackend()]
+    return [ExactBackend(), IVFBackend(), IVFPQBackend()]
 
 
 @hookimpl(trylast=True)

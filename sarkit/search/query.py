@@ -180,7 +180,8 @@ def search(options: SearchOptions, report: Report) -> tuple[list[dict], Archive]
     searcher = open_searcher(archive, vectors, options.exact)
     if mask is not None and mask.sum() < AUTO_MIN:
         searcher = ExactSearcher(vectors)  # few candidates: scan them all, exactly
-    report.notes["ranked by"] = "exact scan" if searcher.exact else "faiss-ivf (approximate)"
+    name = getattr(searcher, "name", "an index")
+    report.notes["ranked by"] = "exact scan" if searcher.exact else f"{name} (approximate)"
     scores, idx = searcher.search(query[None].astype(np.float32), want, mask)
     keep = (idx[0] >= 0) & (idx[0] != (-1 if own is None else own))
     scores, idx = scores[0][keep].astype(np.float64), idx[0][keep]
