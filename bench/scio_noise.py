@@ -12,13 +12,13 @@ Records: MSTAR SOC train chips with texts built from their class (tests/test_pre
    text it replaced (the old one named the class, the rewrite does not).
 
     python bench/scio_noise.py --per-class 40 --steps 300 [--rewrite]
+    python bench/scio_noise.py --per-class 30 --steps 160 --decoder-loss mlm   # screening only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))
 from test_pretrain_data import MSTAR_CLASSES  # noqa: E402
+from test_scio_learn import corrupt, precision_recall  # noqa: E402
 
 MODEL = [
     "--vision", "vit_tiny_patch16_224", "--image-size", "64", "--center-crop", "0.6875",
@@ -36,22 +37,6 @@ MODEL = [
     "--queue-size", "256", "--batch-size", "32", "--lr", "1e-3", "--text-lr-scale", "0.1",
     "--warmup-steps", "10", "--momentum", "0.9", "--workers", "1", "--log-every", "25",
 ]  # fmt: skip
-
-
-def corrupt(records: list[dict], rate: float, seed: int = 0) -> set[tuple[str, str]]:
-    """Swap `rate` of all segments for the same field of a chip of another class, in place;
-    returns the (id, field) pairs corrupted."""
-    rng = random.Random(seed)
-    slots = [(k, f) for k, r in enumerate(records) for f in r["texts"]]
-    chosen = rng.sample(slots, round(rate * len(slots)))
-    original = [dict(r["texts"]) for r in records]
-    bad = set()
-    for k, f in chosen:
-        others = [m for m, r in enumerate(records) if r["label"] != records[k]["label"]]
-        m = rng.choice(others)
-        records[k]["texts"][f] = original[m][f]
-        bad.add((records[k]["id"], f))
-    return bad
 
 
 def identifiers(label: int) -> list[str]:
@@ -65,11 +50,6 @@ def names_class(text: str, label: int) -> bool:
     mine = identifiers(label)
     others = {x for c in range(len(MSTAR_CLASSES)) if c != label for x in identifiers(c)}
     return any(x in t for x in mine) and not any(x in t for x in others - set(mine))
-
-
-def precision_recall(flagged: set, bad: set) -> tuple[float, float]:
-    hits = len(flagged & bad)
-    return hits / max(1, len(flagged)), hits / max(1, len(bad))
 
 
 def sarkit(*args: str) -> subprocess.CompletedProcess:
@@ -91,6 +71,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rate", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--decoder-loss",
+        default="both",
+        help="pretrain's; mlm is cheaper, "
+        "but only `both` (or lm) trains the decoder that --rewrite needs",
+    )
     ap.add_argument("--rewrite", action="store_true")
     ap.add_argument("--rewrite-steps", type=int, default=100)
     ap.add_argument("--itc-margin", type=float, default=0.0)
@@ -108,7 +94,7 @@ def main() -> None:
     model[model.index("--image-size") + 1] = str(a.image_size)
     reused = (work / "base" / "model.safetensors").exists()
     if not reused:
-        sarkit("pretrain", path, "-o", work / "base", *model, "--decoder-loss", "both",
+        sarkit("pretrain", path, "-o", work / "base", *model, "--decoder-loss", a.decoder_loss,
                "--max-steps", a.steps, "--epochs", 1000, "--save-every", 0)  # fmt: skip
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -127,11 +113,12 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for cap in (1.0, 0.5, 0.3, 0.2):
         for mi in (0.0, 0.02, 0.05, 0.1, 0.2):
-            for mm in (0.0, 0.01):
+            for mm in (-1.0, 0.0, 0.01):  # -1: no ITM confirmation (dITM > -1 always)
                 pool = decide(scores, mi, mm, cap)
                 flagged = {(k, f) for k, names in pool.items() for f in names}
                 p, r = precision_recall(flagged, bad_k)
-                print(f"| {mi:g} | {mm:g} | {cap:g} | {len(flagged)} | {p:.3f} | {r:.3f} |")
+                mm_s = "off" if mm < 0 else f"{mm:g}"
+                print(f"| {mi:g} | {mm_s} | {cap:g} | {len(flagged)} | {p:.3f} | {r:.3f} |")
     if not a.rewrite:
         return
     sarkit("scio", path, "--init", work / "base", "-o", work / "scio", *model,
