@@ -5,14 +5,13 @@ length, so inner product = cosine similarity. ``build`` runs once at the end of 
 embed` and writes numpy files or FAISS's own binary format (``faiss.write_index``, not
 pickle); ``open`` makes a searcher at query time.
 
-Measured (bench/search.py, docs/results.md, on the shared 2-core machine under load): an
-exact scan costs ~1.5 ms a query at 10k vectors (in the CPU cache), ~20 ms at 20k and grows
-linearly (~0.2-1.5 s at 1M). The IVF needs many lists read at 1M (~18 % of them for
-recall@10 0.95 on the synthetic clusters), which is what made the flat IVF slow there (32-104
-ms a query): ``faiss-ivfpq`` reads the same lists as 4-bit PQ codes (FAISS fast-scan, 1/32
-of the bytes) and re-scores the best candidates exactly on the stored float vectors, 2-7 ms
-at 1M with the flat IVF's recall. ``AUTO_MIN`` vectors is where `--backend auto` leaves the
-exact scan for ``faiss-ivfpq``.
+Measured (bench/search.py, docs/results.md, on the shared 2-core machine at load 8-12): an
+exact scan costs 1.5-6 ms a query at 10k vectors, 3-9 ms at 20k and grows linearly (0.3-0.5
+s at 1M). The IVF must read many lists at 1M (15-27 % of them for recall@10 0.95 on the
+synthetic clusters), which is what made the flat IVF slow there (24-104 ms a query):
+``faiss-ivfpq`` reads the same lists as 4-bit PQ codes (FAISS fast-scan, 1/32 of the bytes)
+and re-scores the best candidates exactly on the stored float vectors: 7-9 ms at 1M, recall
+0.98. ``AUTO_MIN`` vectors is where `--backend auto` leaves the exact scan for it.
 """
 
 from __future__ import annotations
