@@ -77,6 +77,11 @@ def test_classify_run_folder_resume_eval(cli, tmp_path):
     record = json.loads(proc.stdout)
     assert record["metrics"]["top1"] == pytest.approx(float(rows[-1]["top1"]), abs=1e-5)
     assert set(record["metrics"]) == {"top1", "top3", "mean_class_acc"}
+    # the per-class rows reach stderr and the record, one per class
+    per_class = dict(record["table"])
+    assert set(per_class) == {f"acc {c}" for c in CLASSES}
+    for c in CLASSES:
+        assert f"acc {c}" in proc.stderr and 0.0 <= float(per_class[f"acc {c}"]) <= 1.0
     assert (figures / "confusion.png").stat().st_size > 1000
     per_class = json.loads((figures / "per_class.json").read_text())
     assert sorted(per_class) == list(CLASSES)

@@ -39,9 +39,12 @@ def _eval(head, values: dict) -> None:
         record = plugins.get_manager().hook.sarkit_eval(task=head.name, options=options)
     if record is None:
         raise UsageError(f"no plugin evaluates '{head.name}'")
-    width = max((len(k) for k in record["metrics"]), default=0)
-    for key, value in record["metrics"].items():
-        log.info(f"{key:<{width}}  {value:.4f}")
+    rows = [(k, f"{v:.4f}") for k, v in record["metrics"].items()] + [
+        (k, v) for k, v in record.get("table", [])
+    ]
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        log.info(f"{key:<{width}}  {value}")
     print(json.dumps(record))
 
 

@@ -54,3 +54,4 @@ class EvalResult:
 
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
+    table: list[tuple[str, str]] = field(default_factory=list)  # extra rows for stderr

@@ -203,5 +203,7 @@ def evaluate(head: Any, options: EvalOptions) -> dict:
         "metrics": result.metrics,
         "figures": [str(p) for p in drawn],
     }
+    if result.table:  # the head's extra rows (per-class accuracy, detection counts)
+        record["table"] = [[str(k), str(v)] for k, v in result.table]
     write_text(folder / f"{head.name}.json", json.dumps(record, indent=2) + "\n")
     return record
