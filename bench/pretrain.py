@@ -10,7 +10,10 @@ Both loops train the same model (same seed) on the same batches in this one proc
            schedule, logging, CSV, TensorBoard): `sarkit pretrain`'s KnowLIP task, and a
            plain ViT classifier as a fine-tuning head is; samples/s from its per-step
            timings (startup and export excluded).
-Overhead = bare samples/s / loop samples/s - 1 (target <= 10%). The first 2 steps of
+Overhead = bare samples/s / loop samples/s - 1 (target <= 10%). Beside it, the CPU seconds
+per sample of each whole call (user + system, the loop's DataLoader workers included; the
+loop pays its start, record table and export there too, the bare loop its collation): on a
+shared machine wall-clock rates move with the load, CPU time far less. The first 2 steps of
 each loop are warm-up and not counted. With --repeat N the two loops alternate N times and
 the medians over all rounds are compared, so a change of load on a shared machine hits
 both alike; the load average is printed.
@@ -198,6 +201,18 @@ def bare(recs: list[dict], opts) -> list[float]:
     return timed_steps(batches, forward, optimizer)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its reaped children (DataLoader workers, which
+    the loop's epochs end by joining): what a run costs whatever else shares the cores."""
+    import resource
+
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed_steps(batches: list[dict], forward, optimizer) -> list[float]:
     """samples/s of each hand-written step (forward, backward, optimiser step, loss read)."""
     rates = []
@@ -360,21 +375,29 @@ def main() -> None:
                 except ImportError:
                     print("# accelerate not installed: its row is left out", file=sys.stderr)
             for label, run_bare, run_loop in pairs:
-                got_bare, got_loop = [], []
+                got_bare, got_loop, cpu_bare, cpu_loop = [], [], 0.0, 0.0
                 for k in range(args.repeat):
                     opts.output = Path(tmp) / f"{label}-{k}"
+                    t = cpu_seconds()
                     got_bare += run_bare(recs, opts)[2:]
+                    cpu_bare += cpu_seconds() - t
+                    t = cpu_seconds()
                     got_loop += run_loop(recs, opts)[2:]
+                    cpu_loop += cpu_seconds() - t
+                samples = opts.batch_size * args.steps * args.repeat
                 rows.append((f"{name} {label}", opts.batch_size, statistics.median(got_bare),
-                             statistics.median(got_loop)))  # fmt: skip
+                             statistics.median(got_loop), cpu_bare / samples,
+                             cpu_loop / samples))  # fmt: skip
         print(f"# {name} done, load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, "
           f"image 224, max tokens 128, {args.steps} steps x {args.repeat} "
           "(median of steps 3..)")  # fmt: skip
-    print("| config | batch | bare samples/s | shared loop samples/s | loop overhead |")
-    print("|---|---|---|---|---|")
-    for name, batch, rb, rt in rows:
-        print(f"| {name} | {batch} | {rb:.2f} | {rt:.2f} | {(rb / rt - 1) * 100:+.1f}% |")
+    print("| config | batch | bare samples/s | shared loop samples/s | loop overhead (wall) "
+          "| bare CPU s/sample | loop CPU s/sample | loop overhead (CPU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, rb, rt, cb, ct in rows:
+        print(f"| {name} | {batch} | {rb:.2f} | {rt:.2f} | {(rb / rt - 1) * 100:+.1f}% "
+              f"| {cb:.3f} | {ct:.3f} | {(ct / cb - 1) * 100:+.1f}% |")  # fmt: skip
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
