@@ -141,9 +141,6 @@ class MomentumTask:
     def rank_state(self) -> dict[str, torch.Tensor]:
         return self.momentum.shard_state()
 
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.momentum.load_state_dict(state, strict=True)
-
     def load_extra_file(self, path: Path, device: torch.device) -> None:
         from sarkit.model.weights import read_into
 
