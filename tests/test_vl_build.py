@@ -199,3 +199,24 @@ def test_real_hrsid_and_polsf(tmp_path):
     qa = lines(tmp_path / "p" / "vqa.jsonl")
     got = {r["image"]: r["answer"] for r in qa if r["type"] == "main_landform"}
     assert got == truth
+
+
+def test_a_test_list_that_names_no_image_is_refused(tmp_path, capsys):
+    """Class-folder images are named '<class>/<stem>': a list of bare stems matched none of
+    them and put every image in train without a word."""
+    from sarkit.errors import SarkitError
+
+    for name in ("0/a.png", "0/b.png", "1/c.png"):
+        gray(tmp_path / "cls" / name)
+    ann = read_annotations(tmp_path / "cls")
+    listed = tmp_path / "test.txt"
+    listed.write_text("a\nc\n")
+    options = BuildOptions(tmp_path / "cls", tmp_path / "o", tasks=("vqa",), test_list=listed)
+    with pytest.raises(SarkitError, match=r"none of its 2 name\(s\).*look like '0/a'"):
+        build(ann, options)
+    assert not (tmp_path / "o").exists()
+    listed.write_text("0/a\n1/c\n1/gone\n")
+    summary = build(ann, options)
+    assert "1 of its 3 name(s) are no image" in capsys.readouterr().err
+    split = {r["image"]: r["split"] for r in lines(tmp_path / "o" / "vqa.jsonl")}
+    assert split == {"0/a": "test", "0/b": "train", "1/c": "test"}, summary

@@ -248,6 +248,24 @@ def split_of(names: list[str], fraction: float, seed: int, test: set[str] | None
     return {n: ("test" if i < n_test else "train") for i, n in enumerate(order)}
 
 
+def _check_test_list(test: set[str], names: list[str], source: Path) -> None:
+    """A test list that names no image would silently train on everything: refuse it, and
+    say how the names look; names it holds beyond the images are counted on stderr."""
+    missing = test - set(names)
+    if test and len(missing) == len(test):
+        raise SarkitError(
+            f"--test-list {source}: none of its {len(test)} name(s) is an image of --from "
+            f"(it has {sorted(test)[0]!r}; image names look like {sorted(names)[0]!r})"
+        )
+    if missing:
+        from sarkit import log
+
+        log.warn(
+            f"--test-list {source}: {len(missing)} of its {len(test)} name(s) are no image "
+            f"of --from (first: {sorted(missing)[0]!r}); they are left out"
+        )
+
+
 def _rel(path: Path, out: Path) -> str:
     try:
         return os.path.relpath(path.resolve(), out.resolve())
@@ -262,7 +280,6 @@ def build(ann: Annotations, options: BuildOptions) -> dict:
         raise SarkitError(f"-o {out}: exists and is not a folder")
     if not ann.images:
         raise SarkitError(f"{ann.source}: no usable image ({len(ann.problems)} problem(s))")
-    out.mkdir(parents=True, exist_ok=True)
     test = None
     if options.test_list is not None:
         try:
@@ -270,7 +287,9 @@ def build(ann: Annotations, options: BuildOptions) -> dict:
         except OSError as exc:
             raise SarkitError(f"--test-list {options.test_list}: {exc.strerror}") from None
         test = {Path(x).stem if "/" not in x else x for x in lines}
+        _check_test_list(test, [i.name for i in ann.images], options.test_list)
     split = split_of([i.name for i in ann.images], options.test_fraction, options.seed, test)
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(options.seed)
     image_rows, vqa_rows = [], []
     for img in ann.images:
