@@ -291,3 +291,61 @@ def test_pretrain_vision_args_carry_into_the_fine_tune(cli, tmp_path):
     last = load_file(str(run / "last.safetensors"))
     for key in ("patch_embed.backbone.conv.weight", "patch_embed.proj.weight"):
         assert torch.allclose(last[f"backbone.{key}"], exported[key], atol=1e-6), key
+
+
+def test_conv_stem_vit_trains_evaluates_and_carries_from_pretrain(cli, tmp_path):
+    """`--vision vitc_tiny` (timm's ViT on sarkit's registered 3x3-conv + BatchNorm stem):
+    the stem's stride is `patch_size`; eval rebuilds it and reads the BatchNorm statistics
+    back (its top-1 equals the run's last evaluation); a pretrain run exports it and a
+    fine-tune from that run starts from those weights; a stride that is no power of two is
+    named."""
+    import torch
+    from conftest import tiny_bert
+    from safetensors.torch import load_file
+    from test_pretrain_data import mstar_records, write_jsonl
+
+    data = mstar_folders(tmp_path / "data", train=3, val=2)
+    run = tmp_path / "run"
+    args = ["finetune", "classify", "--data", data, *TINY, "--vision", "vitc_tiny",
+            "--epochs", "1", "--max-steps", "2", "--center-crop", "0.6875"]  # fmt: skip
+    proc = cli(*args, "-o", run, "--vision-args", "patch_size=8,depth=1,stem_width=8")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["vision"]["timm_name"] == "vitc_tiny"
+    assert config["vision"]["model_args"] == {"patch_size": 8, "depth": 1, "stem_width": 8}
+    last = load_file(str(run / "last.safetensors"))
+    # 32 px, three stride-2 convolutions (8, 16, 32 channels): a 4x4 grid + the class token
+    assert last["backbone.pos_embed"].shape == (1, 17, 192)
+    assert last["backbone.patch_embed.stem.6.weight"].shape == (32, 16, 3, 3)
+    assert last["backbone.patch_embed.proj.weight"].shape == (192, 32, 1, 1)
+    bn_mean = last["backbone.patch_embed.stem.1.running_mean"]
+    assert bn_mean.abs().sum() > 0  # the statistics trained and were saved
+    assert not any(k.startswith("backbone.blocks.1.") for k in last)
+    proc = cli("eval", "classify", run, "--data", data)
+    assert proc.returncode == 0, proc.stderr
+    top1 = float(eval_rows(run)[-1]["top1"])
+    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(top1, abs=1e-5)
+    proc = cli(*args, "-o", tmp_path / "bad", "--vision-args", "patch_size=6")
+    assert proc.returncode == 1 and "power of two" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 1))
+    pre = tmp_path / "pre"
+    proc = cli("pretrain", records, "-o", pre, "--vision", "vitc_tiny",
+               "--vision-args", "patch_size=8,depth=1,stem_width=8", "--image-size", "32",
+               "--text-layers", "1", "--max-tokens", "24", "--embed-dim", "16",
+               "--queue-size", "8", "--batch-size", "4", "--max-steps", "1", "--workers", "0",
+               "--text", str(tiny_bert()))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    exported = load_file(str(pre / "export" / "vision.safetensors"))
+    assert "patch_embed.stem.1.running_var" in exported  # BatchNorm statistics are exported
+    ft = tmp_path / "ft"
+    proc = cli("finetune", "classify", "--data", data, "-o", ft, *TINY, "--init", pre,
+               "--epochs", "1", "--max-steps", "1", "--lr", "1e-12", "--warmup-steps", "0",
+               "--drop-path", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((ft / "config.json").read_text())["vision"]["timm_name"] == "vitc_tiny"
+    last = load_file(str(ft / "last.safetensors"))
+    # (not the BatchNorm statistics: the one training step moves them, whatever the lr)
+    for key in ("patch_embed.stem.0.weight", "patch_embed.proj.weight", "blocks.0.norm1.weight"):
+        assert torch.allclose(last[f"backbone.{key}"], exported[key], atol=1e-6), key

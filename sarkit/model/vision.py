@@ -81,6 +81,8 @@ def build_vision(
     """
     import timm
 
+    import sarkit.model.convstem  # noqa: F401  (registers the conv-stem ViTs with timm)
+
     name = vision_name(name)
     if name not in timm.list_models():
         raise SarkitError(
