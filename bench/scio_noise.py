@@ -47,6 +47,24 @@ def names_class(text: str, label: int) -> bool:
     return any(x in t for x in mine) and not any(x in t for x in others - set(mine))
 
 
+def flat_scores(scores: dict) -> dict[tuple[int, str], list[float]]:
+    return {(k, f): v for k, fs in scores.items() for f, v in fs.items()}
+
+
+def auc(pairs: list[tuple[float, bool]]) -> float:
+    """P(a corrupted segment scores above a clean one), ties half (Mann-Whitney)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    x = np.array([p[0] for p in pairs], float)
+    y = np.array([p[1] for p in pairs], bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
+        return float("nan")
+    r = rankdata(x)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def sarkit(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "sarkit", *map(str, args)],
                           capture_output=True, text=True)  # fmt: skip
@@ -104,6 +122,9 @@ def main() -> None:
     trained = "pretrained run reused from --work" if reused else f"pretrain {a.steps} steps"
     print(f"{len(recs)} records, {len(bad)} of {8 * len(recs)} segments corrupted; "
           f"{trained} {t_train:.0f} s, screening {t_screen:.0f} s")  # fmt: skip
+    ditc = [(-v[0], key in bad_k) for key, v in flat_scores(scores).items()]
+    ditm = [(v[1], key in bad_k) for key, v in flat_scores(scores).items()]
+    print(f"AUC corrupted vs clean: -dITC {auc(ditc):.3f}, dITM {auc(ditm):.3f}")
     print("| ITC margin | ITM margin | cap | flagged | precision | recall |")
     print("|---:|---:|---:|---:|---:|---:|")
     for cap in (1.0, 0.5, 0.3, 0.2):

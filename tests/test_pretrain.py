@@ -79,6 +79,36 @@ def test_resume_continues_exactly_and_exports(records, tmp_path, cli):
     assert torch.allclose(plain.last_hidden_state, ours, atol=1e-5)
 
 
+def test_itm_segment_negatives_and_cross_attention_lr(records, tmp_path, cli):
+    """Both options train (tests/test_scio_model.py checks what the negatives are) and the
+    share is kept in model.json, so scio --init trains on with it; --cross-attention-lr-scale
+    gives the cross-attention layers (and only them) groups of their own."""
+    from sarkit.model.knowlip import KnowLIP, KnowLIPConfig
+    from sarkit.train.engine import param_groups
+    from sarkit.train.pretrain import cross_attention_groups
+
+    run = tmp_path / "swap"
+    cli("pretrain", records, "-o", run, *TINY, "--max-steps", "1", "--save-every", "0",
+        "--itm-segment-negatives", "1", "--cross-attention-lr-scale", "1", check=0)  # fmt: skip
+    assert torch.isfinite(torch.tensor(float(rows(run)[0]["itm"])))
+    assert json.loads((run / "model.json").read_text())["itm_segment_negatives"] == 1.0
+    proc = cli("pretrain", records, "-o", tmp_path / "bad", "--itm-segment-negatives", "2",
+               check=2)  # fmt: skip
+    assert "2" in proc.stderr and "Traceback" not in proc.stderr
+
+    model = KnowLIP(KnowLIPConfig(vision="tiny", image_size=32, text=str(tiny_bert())))
+    groups = cross_attention_groups(model, param_groups(model, 0.05, 0.1), 0.5)
+    cross = {id(p) for n, p in model.named_parameters() if ".crossattention." in n}
+    assert cross
+    for g in groups:
+        inside = {id(p) in cross for p in g["params"]}
+        assert len(inside) == 1  # a group holds cross-attention weights or none
+        if inside == {True}:
+            assert g["lr_scale"] == 0.5
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert {g["lr_scale"] for g in groups if id(g["params"][0]) not in cross} == {0.1, 1.0}
+
+
 def test_bad_input_is_one_line(tmp_path, cli):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x/1", "path": "nowhere.jpeg"}])
     proc = cli("pretrain", bad, "-o", tmp_path / "run", *TINY, check=1)

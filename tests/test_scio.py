@@ -229,9 +229,12 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
                "--text-lr-scale", "0.5", "--momentum", "0.9", "--grad-accum", "1",
                "--center-crop", "0.7", "--no-augment", "--save-every", "0", "--seed", "1",
                "--precision", "fp32", "--screen-batch", "5", "--max-new-tokens", "5",
-               "--rounds", "2", check=0)  # fmt: skip
+               "--rounds", "2", "--itm-segment-negatives", "0.5",
+               "--cross-attention-lr-scale", "1", check=0)  # fmt: skip
     screened = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(screened) == 12 and screened == read(tmp_path / "s" / "screened.jsonl")
+    stage = json.loads((tmp_path / "s" / "stages" / "01-train" / "model.json").read_text())
+    assert stage["itm_segment_negatives"] == 0.5
     for rec in screened:
         assert rec["texts"] == rec["texts_original"]
         noise = [f for f, s in rec["scio"].items() if s["decision"] == "noise"]

@@ -68,3 +68,67 @@ def test_forward_trains_the_decoder_on_given_lm_rows():
     states = model.image_to_text(model.image_tokens(images))
     expect = lm_loss(model.decoder, ids, mask, states, prefix_lengths=prefix)
     assert torch.allclose(own, expect) and not torch.allclose(own, full)
+
+
+def test_segment_swap_negatives_change_one_segment_for_a_different_one():
+    """Each chosen image's negative is its own text with exactly one segment replaced by the
+    same field of another group's text, where that field differs (never the same words);
+    the less similar half of the batch supplies the partner; share 0 keeps ALBEF's rows."""
+    from sarkit.model.knowlip import segment_swap_negatives
+    from sarkit.model.text import TextCodec
+
+    codec = TextCodec.from_pretrained(None, ("a", "b", "c"), 40)
+    texts = [{"a": f"alpha {i}", "b": "bravo " + "x" * (i + 1), "c": "same"} for i in range(6)]
+    enc = codec.encode(texts)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])  # pairs of duplicates: never partners
+    feat = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    base = torch.full_like(enc.input_ids, codec.pad_id), torch.zeros_like(enc.attention_mask)
+    kept = segment_swap_negatives(enc.input_ids, enc.segment_ids, feat, groups, 0.0, *base,
+                                  codec.pad_id, 40)  # fmt: skip
+    assert kept[0] is base[0]
+    torch.manual_seed(0)
+    ids, mask = segment_swap_negatives(enc.input_ids, enc.segment_ids, feat, groups, 1.0, *base,
+                                       codec.pad_id, 40)  # fmt: skip
+    sim = feat @ feat.T
+
+    def segs(row: torch.Tensor, m: torch.Tensor) -> list[str]:
+        words = codec.tokenizer.decode(row[m > 0].tolist()).split("[SEP]")
+        return [w.replace("[CLS]", "").strip() for w in words[:3]]
+
+    own = [segs(enc.input_ids[i], enc.attention_mask[i]) for i in range(6)]
+    for i in range(6):
+        neg = segs(ids[i], mask[i])
+        changed = [j for j in range(3) if neg[j] != own[i][j]]
+        assert len(changed) == 1 and changed[0] != 2, (i, neg)  # "c" is the same everywhere
+        j = changed[0]
+        partners = [k for k in range(6) if own[k][j] == neg[j]]
+        assert partners and all(groups[k] != groups[i] for k in partners)
+        others = sorted((float(sim[i, k]), k) for k in range(6) if groups[k] != groups[i])
+        low_half = {k for _, k in others[: (len(others) + 1) // 2]}
+        assert set(partners) & low_half
+
+
+def test_segment_negatives_change_itm_only():
+    """The forward with segment ids and itm_segment_negatives 1: ITC (computed before the
+    negatives are drawn) is the plain forward's, ITM differs (other negatives)."""
+    from sarkit.model.knowlip import KnowLIP, KnowLIPConfig, Momentum
+    from sarkit.model.text import TextCodec
+
+    torch.manual_seed(0)
+    cfg = KnowLIPConfig(vision="tiny", image_size=32, text_layers=1, embed_dim=16, max_tokens=64)
+    model = KnowLIP(cfg).eval()
+    codec = TextCodec.from_pretrained(None, cfg.fields, cfg.max_tokens)
+    texts = [{f: f"{f.lower()} {i} about a ship" for f in TERRAIN_FIELDS} for i in range(4)]
+    enc = codec.encode(texts)
+    images = torch.randn(4, 1, 32, 32)
+    out = []
+    for share in (0.0, 1.0):
+        model.config.itm_segment_negatives = share
+        momentum = Momentum(model, 8, cfg.momentum)
+        momentum.copy_from(model)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out.append(model(images, enc.input_ids, enc.attention_mask, momentum, 0.4,
+                             segment_ids=enc.segment_ids))  # fmt: skip
+    assert torch.equal(out[0]["itc"], out[1]["itc"])
+    assert not torch.equal(out[0]["itm"], out[1]["itm"])

@@ -130,6 +130,21 @@ def command(
         help="Decoder objective: mlm (the paper's), lm (causal, BLIP's; needed to generate "
         "captions, answers and SCIO rewrites) or both.",
     ),
+    cross_attention_lr_scale: float = typer.Option(
+        None,
+        "--cross-attention-lr-scale",
+        parser=NON_NEGATIVE,
+        help="lr factor for the text tower's and decoder's cross-attention layers (new "
+        "weights; default: --text-lr-scale's).",
+    ),
+    itm_segment_negatives: float = typer.Option(
+        None,
+        "--itm-segment-negatives",
+        parser=FRACTION,
+        help="Share of ITM negatives made of the image's own text with one segment swapped "
+        "in from another image (sarkit's addition; default: the --init run's, else "
+        "the model's default).",
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(
         None,
@@ -185,6 +200,8 @@ def command(
         momentum=momentum,
         pool=pool,
         decoder_loss=decoder_loss,
+        itm_segment_negatives=itm_segment_negatives,
+        cross_attention_lr_scale=cross_attention_lr_scale,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,

@@ -81,6 +81,21 @@ def command(
     warmup_steps: int = typer.Option(3000, "--warmup-steps", min=0),
     text_lr_scale: float = typer.Option(1.0, "--text-lr-scale", parser=NON_NEGATIVE),
     momentum: float = typer.Option(0.995, "--momentum", parser=FRACTION),
+    cross_attention_lr_scale: float = typer.Option(
+        None,
+        "--cross-attention-lr-scale",
+        parser=NON_NEGATIVE,
+        help="lr factor for the text tower's and decoder's cross-attention layers (new "
+        "weights; default: --text-lr-scale's).",
+    ),
+    itm_segment_negatives: float = typer.Option(
+        None,
+        "--itm-segment-negatives",
+        parser=FRACTION,
+        help="Share of ITM negatives made of the image's own text with one segment swapped "
+        "in from another image (sarkit's addition; default: the --init run's, else "
+        "the model's default).",
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(None, "--deepspeed", help="A DeepSpeed preset or JSON file."),
     workers: int = typer.Option(2, "--workers", min=0),
@@ -137,6 +152,8 @@ def command(
         lr=lr,
         warmup_steps=warmup_steps,
         text_lr_scale=text_lr_scale,
+        itm_segment_negatives=itm_segment_negatives,
+        cross_attention_lr_scale=cross_attention_lr_scale,
         momentum=momentum,
         precision=precision,
         deepspeed=deepspeed,

@@ -73,9 +73,16 @@ class KnowLIPConfig:
     # default, so a pretrained run can generate and still trains the paper's MLM)
     decoder_loss: str = "both"
     lm_label_smoothing: float = 0.1  # BLIP's
+    # share of the images whose ITM negative text is their own text with one segment swapped
+    # in from a less similar image of the batch (sarkit's, not the paper's: SCIO's dITM asks
+    # the head whether one segment is wrong; ALBEF's hard negatives, texts of other images,
+    # are near-duplicates of the positive on class-templated data and teach it nothing)
+    itm_segment_negatives: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.itm_segment_negatives) <= 1.0:
+            raise ValueError(f"itm_segment_negatives {self.itm_segment_negatives}: in [0, 1]")
         if self.decoder_loss not in DECODER_LOSSES:
             raise ValueError(
                 f"decoder_loss {self.decoder_loss!r}: one of {', '.join(DECODER_LOSSES)}"
@@ -250,6 +257,7 @@ class KnowLIP(nn.Module):
         lm_ids: torch.Tensor | None = None,
         lm_mask: torch.Tensor | None = None,
         lm_prefix: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The losses for one batch; also enqueues the momentum features (call once per step).
 
@@ -259,6 +267,8 @@ class KnowLIP(nn.Module):
         ``lm_ids``/``lm_mask``/``lm_prefix``: the causal LM's own rows (decoder.lm_inputs
         layout, one per sample, e.g. SCIO's "other segments + field label -> segment"),
         trained instead of the full texts; the tokens before ``lm_prefix`` are context only.
+        ``segment_ids`` (the codec's, like input_ids) lets ITM draw segment-swap negatives
+        (``config.itm_segment_negatives``).
         """
         if groups is None:
             groups = _unique_groups(images.shape[0], images.device)
@@ -287,7 +297,15 @@ class KnowLIP(nn.Module):
         momentum.enqueue(gather(img_feat_m), gather(txt_feat_m), groups_all)
 
         loss_itm = self._itm_loss(
-            img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
+            img_tokens,
+            img_feat,
+            txt_feat,
+            input_ids,
+            attention_mask,
+            temp,
+            groups,
+            groups_all,
+            segment_ids=segment_ids,
         )
         out: dict[str, torch.Tensor] = {"itc": loss_itc, "itm": loss_itm}
         loss = w_itc * loss_itc + w_itm * loss_itm
@@ -322,8 +340,22 @@ class KnowLIP(nn.Module):
         }
 
     def _itm_loss(
-        self, img_tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
+        self,
+        img_tokens,
+        img_feat,
+        txt_feat,
+        input_ids,
+        attention_mask,
+        temp,
+        groups,
+        groups_all,
+        segment_ids: torch.Tensor | None = None,
     ):
+        """Matched pairs against one hard negative text per image and one hard negative
+        image per text (ALBEF/BLIP). A negative whose text equals the positive's token for
+        token is a match, not a negative, and is never drawn. With segment ids and
+        ``config.itm_segment_negatives`` > 0, that share of the images get instead their own
+        text with one segment swapped (``segment_swap_negatives``)."""
         rank, _ = _world()
         b = img_tokens.shape[0]
         ids_pad, mask_pad = pad_width(input_ids, attention_mask, self.pad_id)
@@ -340,6 +372,7 @@ class KnowLIP(nn.Module):
             w_i2t = F.softmax(img_feat @ txt_feat_all.T / temp, dim=1)
             w_t2i = F.softmax(txt_feat @ img_feat_all.T / temp, dim=1)
             same = groups[:, None] == groups_all[None, :]
+            same |= (ids_pad[:, None, :] == ids_all[None, :, :]).all(-1)  # identical texts
             same[rows, own] = True
             w_i2t = (torch.nan_to_num(w_i2t) + 1e-12).masked_fill(same, 0.0)
             w_t2i = (torch.nan_to_num(w_t2i) + 1e-12).masked_fill(same, 0.0)
@@ -351,9 +384,28 @@ class KnowLIP(nn.Module):
             w_t2i = torch.where((w_t2i.sum(1) == 0)[:, None], anyone, w_t2i)
             neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
             neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
-        width = ids_pad.shape[1]
-        ids = torch.cat([ids_pad, ids_pad, ids_all[neg_txt, :width]])
-        mask = torch.cat([mask_pad, mask_pad, mask_all[neg_txt, :width]])
+            width = ids_pad.shape[1]
+            neg_ids, neg_mask = ids_all[neg_txt, :width], mask_all[neg_txt, :width]
+            share = float(self.config.itm_segment_negatives)
+            if share > 0 and segment_ids is not None and b > 1:
+                neg_ids, neg_mask = segment_swap_negatives(
+                    input_ids,
+                    segment_ids,
+                    img_feat,
+                    groups,
+                    share,
+                    neg_ids,
+                    neg_mask,
+                    self.pad_id,
+                    self.config.max_tokens,
+                )
+        width = max(ids_pad.shape[1], neg_ids.shape[1])
+        ids_pad = F.pad(ids_pad, (0, width - ids_pad.shape[1]), value=self.pad_id)
+        mask_pad = F.pad(mask_pad, (0, width - mask_pad.shape[1]), value=0)
+        neg_ids = F.pad(neg_ids, (0, width - neg_ids.shape[1]), value=self.pad_id)
+        neg_mask = F.pad(neg_mask, (0, width - neg_mask.shape[1]), value=0)
+        ids = torch.cat([ids_pad, ids_pad, neg_ids])
+        mask = torch.cat([mask_pad, mask_pad, neg_mask])
         tokens = torch.cat([img_tokens, tokens_all[neg_img], img_tokens])
         logits = self.itm_logits(tokens, ids, mask)
         labels = torch.cat(
@@ -516,6 +568,88 @@ def run_config(run_dir: str | Path) -> KnowLIPConfig:
     if (run_dir / "export" / "text" / "config.json").exists():
         config.text = str(run_dir / "export" / "text")
     return config
+
+
+def segment_swap_negatives(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    img_feat: torch.Tensor,
+    groups: torch.Tensor,
+    share: float,
+    neg_ids: torch.Tensor,
+    neg_mask: torch.Tensor,
+    pad_id: int,
+    max_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM negative texts (``neg_ids``/``neg_mask``, one per image) with `share` of them
+    replaced by the image's own text with one segment swapped: SCIO's question ("is one
+    segment wrong?") as a training signal. sarkit's addition to the paper's ITM.
+
+    For a chosen image i a field is drawn among i's non-empty segments (one some partner can
+    change), then a partner k of
+    this rank's batch: another group, the same field non-empty with different tokens, and
+    among those the less similar half by image feature (a partner that looks like i likely
+    says the same in other words: a false negative). Segment j's tokens (with its [SEP]) are
+    replaced by k's; the result is cut to ``max_tokens`` inside the swapped segment. A row
+    with no such partner keeps its ALBEF negative.
+    """
+    b = input_ids.shape[0]
+    pick = (torch.rand(b) < share).tolist()
+    if not any(pick):
+        return neg_ids, neg_mask
+    ids_l, seg_l = input_ids.tolist(), segment_ids.tolist()
+    sim = (img_feat.float() @ img_feat.float().T).cpu()
+    grp = groups.tolist()
+
+    def pieces(row: int) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for t, s in zip(ids_l[row], seg_l[row], strict=True):
+            if s >= 1:
+                out.setdefault(s, []).append(t)
+        return out
+
+    segs = [pieces(i) for i in range(b)]
+    swapped: dict[int, list[int]] = {}
+    for i in range(b):
+        if not pick[i]:
+            continue
+        fields = [s for s, toks in segs[i].items() if len(toks) > 1]  # more than its [SEP]
+        if not fields:
+            continue
+        cands: list[int] = []
+        for f in torch.randperm(len(fields)).tolist():  # the first field some partner differs in
+            s = fields[f]
+            cands = [
+                k
+                for k in range(b)
+                if k != i and grp[k] != grp[i] and len(segs[k].get(s, ())) > 1
+                and segs[k][s] != segs[i][s]
+            ]  # fmt: skip
+            if cands:
+                break
+        if not cands:
+            continue
+        order = sorted(cands, key=lambda k: float(sim[i, k]))
+        low = order[: max(1, (len(order) + 1) // 2)]
+        k = low[int(torch.randint(len(low), (1,)))]
+        before = [t for t, g in zip(ids_l[i], seg_l[i], strict=True) if 0 <= g < s]
+        after = [t for t, g in zip(ids_l[i], seg_l[i], strict=True) if g > s]
+        middle = segs[k][s]
+        room = max_tokens - len(before) - len(after)
+        if len(middle) > room:
+            middle = middle[: max(0, room - 1)] + middle[-1:]
+        swapped[i] = before + middle + after
+    if not swapped:
+        return neg_ids, neg_mask
+    width = max(neg_ids.shape[1], *(len(r) for r in swapped.values()))
+    ids = F.pad(neg_ids, (0, width - neg_ids.shape[1]), value=pad_id)
+    mask = F.pad(neg_mask, (0, width - neg_mask.shape[1]), value=0)
+    for i, row in swapped.items():
+        ids[i] = pad_id
+        mask[i] = 0
+        ids[i, : len(row)] = torch.tensor(row, dtype=ids.dtype, device=ids.device)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def _unique_groups(n: int, device: torch.device) -> torch.Tensor:

@@ -72,11 +72,16 @@ class PretrainOptions(LoopOptions):
     drop_path: float = 0.0
     pool: str = "mean"  # ITC features: "mean" or "cls"
     decoder_loss: str = "both"  # mlm | lm | both (see KnowLIPConfig)
+    # share of ITM negatives that are the image's own text with one segment swapped
+    # (KnowLIPConfig.itm_segment_negatives); None: the --init run's, or the default
+    itm_segment_negatives: float | None = None
     # the paper's schedule over the loop's defaults
     epochs: int = 12
     warmup_steps: int = 3000
     name: str = "pretrain"
     text_lr_scale: float = 1.0  # lr factor for the pretrained text tower and decoder
+    # lr factor of their cross-attention layers (new weights); None: text_lr_scale's
+    cross_attention_lr_scale: float | None = None
     grad_checkpointing: bool = False
     # data and bookkeeping
     augment: bool = True

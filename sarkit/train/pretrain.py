@@ -63,6 +63,9 @@ def model_config(options: PretrainOptions, fields: tuple[str, ...]):
         pool=options.pool,
         center_crop=options.center_crop,
         decoder_loss=options.decoder_loss,
+        itm_segment_negatives=KnowLIPConfig.itm_segment_negatives
+        if options.itm_segment_negatives is None
+        else options.itm_segment_negatives,
     )
 
 
@@ -115,12 +118,16 @@ class KnowLIPTask(MomentumTask, ModuleTask):
     def param_groups(self, weight_decay: float) -> list[dict]:
         from sarkit.train.engine import param_groups
 
-        return param_groups(self.model, weight_decay, self.options.text_lr_scale)
+        groups = param_groups(self.model, weight_decay, self.options.text_lr_scale)
+        scale = getattr(self.options, "cross_attention_lr_scale", None)
+        return groups if scale is None else cross_attention_groups(self.model, groups, scale)
 
     def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype, step: int) -> dict:
         from sarkit.train.schedule import alpha_at
 
         keys = ("images", "input_ids", "attention_mask", "mlm_eligible", "groups")
+        if "segment_ids" in batch:  # ITM's segment-swap negatives (itm_segment_negatives)
+            keys += ("segment_ids",)
         kwargs = to_device({k: batch[k] for k in keys}, device, dtype)
         kwargs.update(
             momentum=self.momentum,
@@ -147,6 +154,23 @@ class KnowLIPTask(MomentumTask, ModuleTask):
                 write_safetensors(tmp, specs, tensors)
         for _ in tensors:  # every rank takes part in every gather
             pass
+
+
+def cross_attention_groups(model: Any, groups: list[dict], scale: float) -> list[dict]:
+    """`groups` with the text tower's and decoder's cross-attention layers moved to groups of
+    their own at lr factor `scale`. They are new, randomly initialised weights (BERT has no
+    cross-attention), so ``text_lr_scale``'s reason, keeping what BERT knows, does not hold
+    for them; at its 0.1 the ITM head of a briefly trained judge sat at its prior."""
+    cross = {id(p) for n, p in model.named_parameters() if ".crossattention." in n}
+    out: list[dict] = []
+    for group in groups:
+        plain = [p for p in group["params"] if id(p) not in cross]
+        moved = [p for p in group["params"] if id(p) in cross]
+        if plain:
+            out.append({**group, "params": plain})
+        if moved:
+            out.append({**group, "params": moved, "lr_scale": float(scale)})
+    return out
 
 
 def export_run(out: Path, model: Any, specs: dict, tensors: Any, tokenizer: Any) -> None:
@@ -249,6 +273,8 @@ def build_task(options: PretrainOptions, fields: Any, stats: Any):
         config = run_config(init[0].parent)
         model = KnowLIP(config, pretrained_text=False)
         load_weights(model, init[1])
+        if options.itm_segment_negatives is not None:  # given: it overrides the run's
+            config.itm_segment_negatives = float(options.itm_segment_negatives)
         log.info(f"initialised from {options.init} ({config.vision}, fields {config.fields})")
     else:
         config = model_config(options, fields())
