@@ -160,7 +160,8 @@ def cross_attention_groups(model: Any, groups: list[dict], scale: float) -> list
     """`groups` with the text tower's and decoder's cross-attention layers moved to groups of
     their own at lr factor `scale`. They are new, randomly initialised weights (BERT has no
     cross-attention), so ``text_lr_scale``'s reason, keeping what BERT knows, does not hold
-    for them; at its 0.1 the ITM head of a briefly trained judge sat at its prior."""
+    for them (at 1 instead of 0.1 a briefly trained judge's ITM head still sat at its prior:
+    docs/results.md, SCIO)."""
     cross = {id(p) for n, p in model.named_parameters() if ".crossattention." in n}
     out: list[dict] = []
     for group in groups:
