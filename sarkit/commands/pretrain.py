@@ -15,6 +15,23 @@ from sarkit.model.visionargs import parse_vision_args
 from sarkit.outputs import check_new_run
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
+# options pretrain shares with scio (whose training stages are pretrain's)
+CROSS_ATTENTION_LR_SCALE = typer.Option(
+    None,
+    "--cross-attention-lr-scale",
+    parser=NON_NEGATIVE,
+    help="lr factor for the text tower's and decoder's cross-attention layers (new "
+    "weights; default: --text-lr-scale's).",
+)
+ITM_SEGMENT_NEGATIVES = typer.Option(
+    None,
+    "--itm-segment-negatives",
+    parser=FRACTION,
+    help="Share of ITM negatives made of the image's own text with one segment swapped "
+    "in from another image (sarkit's addition; default: the --init run's, else "
+    "the model's default).",
+)
+
 
 def check_output_folder(path: Path) -> None:
     """A run folder that cannot be made is named now, not after minutes of model loading."""
@@ -130,21 +147,8 @@ def command(
         help="Decoder objective: mlm (the paper's), lm (causal, BLIP's; needed to generate "
         "captions, answers and SCIO rewrites) or both.",
     ),
-    cross_attention_lr_scale: float = typer.Option(
-        None,
-        "--cross-attention-lr-scale",
-        parser=NON_NEGATIVE,
-        help="lr factor for the text tower's and decoder's cross-attention layers (new "
-        "weights; default: --text-lr-scale's).",
-    ),
-    itm_segment_negatives: float = typer.Option(
-        None,
-        "--itm-segment-negatives",
-        parser=FRACTION,
-        help="Share of ITM negatives made of the image's own text with one segment swapped "
-        "in from another image (sarkit's addition; default: the --init run's, else "
-        "the model's default).",
-    ),
+    cross_attention_lr_scale: float = CROSS_ATTENTION_LR_SCALE,
+    itm_segment_negatives: float = ITM_SEGMENT_NEGATIVES,
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(
         None,

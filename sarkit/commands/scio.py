@@ -10,7 +10,12 @@ from pathlib import Path
 import typer
 
 from sarkit import log, plugins
-from sarkit.commands.pretrain import check_deepspeed, check_output_folder
+from sarkit.commands.pretrain import (
+    CROSS_ATTENTION_LR_SCALE,
+    ITM_SEGMENT_NEGATIVES,
+    check_deepspeed,
+    check_output_folder,
+)
 from sarkit.errors import SarkitError, UsageError
 from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 
@@ -81,21 +86,8 @@ def command(
     warmup_steps: int = typer.Option(3000, "--warmup-steps", min=0),
     text_lr_scale: float = typer.Option(1.0, "--text-lr-scale", parser=NON_NEGATIVE),
     momentum: float = typer.Option(0.995, "--momentum", parser=FRACTION),
-    cross_attention_lr_scale: float = typer.Option(
-        None,
-        "--cross-attention-lr-scale",
-        parser=NON_NEGATIVE,
-        help="lr factor for the text tower's and decoder's cross-attention layers (new "
-        "weights; default: --text-lr-scale's).",
-    ),
-    itm_segment_negatives: float = typer.Option(
-        None,
-        "--itm-segment-negatives",
-        parser=FRACTION,
-        help="Share of ITM negatives made of the image's own text with one segment swapped "
-        "in from another image (sarkit's addition; default: the --init run's, else "
-        "the model's default).",
-    ),
+    cross_attention_lr_scale: float = CROSS_ATTENTION_LR_SCALE,
+    itm_segment_negatives: float = ITM_SEGMENT_NEGATIVES,
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
     deepspeed: str = typer.Option(None, "--deepspeed", help="A DeepSpeed preset or JSON file."),
     workers: int = typer.Option(2, "--workers", min=0),
