@@ -235,6 +235,13 @@ def test_missing_key_refused_key_and_keys_file(tile, tmp_path):
     assert len(ok.stdout.splitlines()) == 1
 
 
+def _default_sigint() -> None:
+    """A terminal's Ctrl-C reaches a foreground job; a suite started in the background
+    (`cmd &` without job control, nohup) passes SIGINT down ignored, and Python keeps it
+    ignored, so the Ctrl-C test would time its run out instead of interrupting it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args, env):
     return subprocess.Popen(
         [sys.executable, "-m", "sarkit", *map(str, args)],
@@ -242,6 +249,7 @@ def _popen(args, env):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **env},
+        preexec_fn=_default_sigint,
     )
 
 
@@ -298,9 +306,8 @@ def test_kill_9_then_rerun_captions_every_tile_exactly_once(tile, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tile, tmp_path):
-    # 80 tiles at 0.2 s a request on 2 threads: some 8 s of run, so the signal lands mid-run
-    # even when a loaded CI machine starves this process for seconds after the 3rd entry
-    # (with 30 tiles, 3 s, the run once finished first and exited 0)
+    # 80 tiles at 0.2 s a request on 2 threads: some 8 s of run, a margin for the signal to
+    # land mid-run on a loaded machine (the child's SIGINT is made default: _popen)
     src = write(tmp_path / "in.jsonl", records(tile, 80))
     journal = tmp_path / "run.journal"
     with FakeChatServer(latency=0.2) as server:
