@@ -39,6 +39,14 @@ def eval_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def assert_eval_rebuilds(cli, run: Path, data: Path) -> None:
+    """`eval classify` rebuilds the run's network: its top-1 is the run's last evaluation."""
+    proc = cli("eval", "classify", run, "--data", data)
+    assert proc.returncode == 0, proc.stderr
+    top1 = float(eval_rows(run)[-1]["top1"])
+    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(top1, abs=1e-5)
+
+
 def test_classify_run_folder_resume_eval(cli, tmp_path):
     data = mstar_folders(tmp_path / "data")
     run = tmp_path / "run"
@@ -241,10 +249,7 @@ def test_vision_args_shape_the_backbone(cli, tmp_path):
     assert last["backbone.patch_embed.proj.weight"].shape[-2:] == (2, 2)
     assert any(k.startswith("backbone.blocks.0.") for k in last)
     assert not any(k.startswith("backbone.blocks.1.") for k in last)
-    proc = cli("eval", "classify", run, "--data", data)
-    assert proc.returncode == 0, proc.stderr
-    top1 = float(eval_rows(run)[-1]["top1"])
-    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(top1, abs=1e-5)
+    assert_eval_rebuilds(cli, run, data)
     # a grid the stem cannot give (8 / 3), a run folder with its own architecture
     proc = cli(*args, "-o", tmp_path / "bad", "--vision-args", "patch_size=3")
     assert proc.returncode == 1 and "timm cannot build 'vit_tiny_r_s16_p8_224'" in proc.stderr
@@ -321,10 +326,7 @@ def test_conv_stem_vit_trains_evaluates_and_carries_from_pretrain(cli, tmp_path)
     bn_mean = last["backbone.patch_embed.stem.1.running_mean"]
     assert bn_mean.abs().sum() > 0  # the statistics trained and were saved
     assert not any(k.startswith("backbone.blocks.1.") for k in last)
-    proc = cli("eval", "classify", run, "--data", data)
-    assert proc.returncode == 0, proc.stderr
-    top1 = float(eval_rows(run)[-1]["top1"])
-    assert json.loads(proc.stdout)["metrics"]["top1"] == pytest.approx(top1, abs=1e-5)
+    assert_eval_rebuilds(cli, run, data)
     proc = cli(*args, "-o", tmp_path / "bad", "--vision-args", "patch_size=6")
     assert proc.returncode == 1 and "power of two" in proc.stderr
     assert "Traceback" not in proc.stderr
