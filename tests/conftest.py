@@ -77,6 +77,16 @@ def sarkit(*args: str, input: str | None = None, cwd: Path | None = None, env=No
     return proc
 
 
+@pytest.fixture(autouse=True)
+def _log_state_is_reset():
+    """An in-process `--quiet` run leaves sarkit.log quiet for the next test in the same worker,
+    which then sees none of a library call's warnings (a CI failure that depended on test order)."""
+    yield
+    from sarkit import log
+
+    log.configure(quiet=False, debug=False)
+
+
 @pytest.fixture
 def cli():
     return sarkit

@@ -271,10 +271,8 @@ def test_faiss_backends_match_exact_and_respect_filters(tmp_path, kind):
 def test_nprobe_calibration_finds_the_smallest_passing_count(capsys):
     """x1.5 steps overshoot (364 fails, 546 passes at 1M vectors): the last step is halved
     until within ~6 % of the smallest count that reaches the target recall."""
-    from sarkit import log
     from sarkit.search.backends import TARGET_RECALL, calibrate_nprobe
 
-    log.configure(quiet=False)
     asked: list[int] = []
 
     def recall_of(nprobe: int) -> float:
