@@ -351,3 +351,21 @@ def test_conv_stem_vit_trains_evaluates_and_carries_from_pretrain(cli, tmp_path)
     # (not the BatchNorm statistics: the one training step moves them, whatever the lr)
     for key in ("patch_embed.stem.0.weight", "patch_embed.proj.weight", "blocks.0.norm1.weight"):
         assert torch.allclose(last[f"backbone.{key}"], exported[key], atol=1e-6), key
+
+
+def test_conv_stem_depth_adds_stride_one_convolutions():
+    """`stem_depth=2`: each stage is a stride-2 and a stride-1 3x3 convolution (BatchNorm,
+    ReLU), so a stride-4 stem has four convolutions and the same token grid; 0 is named."""
+    import timm
+    import torch
+
+    import sarkit.model.convstem  # noqa: F401  (registers the models)
+
+    model = timm.create_model("vitc_tiny", in_chans=1, img_size=32, patch_size=4, depth=1,
+                              stem_width=8, stem_depth=2, num_classes=3)  # fmt: skip
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(8, 2), (8, 1), (16, 2), (16, 1)]
+    assert model.patch_embed.grid_size == (8, 8)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="stem_depth is >= 1"):
+        timm.create_model("vitc_tiny", in_chans=1, img_size=32, stem_depth=0)

@@ -10,7 +10,9 @@ and segmenter's ``patch_embed.grid_size``, sarkit's exports) takes it too.
 Registered names (``--vision``): ``vitc_tiny`` (width 192, 3 heads), ``vitc_small`` (384,
 6); ``--vision-args`` shape them: ``patch_size`` is the stem's stride (a power of two: 16
 = four stride-2 convolutions), ``stem_width`` the first convolution's channels (each next
-one doubles), ``depth`` the number of transformer blocks. Importing this module registers
+stage doubles), ``stem_depth`` the 3x3 convolutions per stage (the first of each halves the
+map; more put more of the work in convolutions, which learn fastest from few images),
+``depth`` the number of transformer blocks. Importing this module registers
 them (``sarkit.model.vision`` does before it builds anything).
 """
 
@@ -35,6 +37,7 @@ class ConvStem(nn.Module):
         in_chans: int = 1,
         embed_dim: int = 192,
         stem_width: int = 24,
+        stem_depth: int = 1,
         bias: bool = True,
         **_: Any,  # timm's other patch-embedding keywords (dynamic_img_pad, ...) do not apply
     ):
@@ -43,12 +46,16 @@ class ConvStem(nn.Module):
         n = int(round(math.log2(p))) if p > 0 else -1
         if n < 1 or 2**n != p:
             raise ValueError(f"a conv stem's patch_size is a power of two >= 2, not {p}")
+        if stem_depth < 1:
+            raise ValueError(f"a conv stem's stem_depth is >= 1, not {stem_depth}")
         layers: list[nn.Module] = []
         c = in_chans
         for i in range(n):
             w = stem_width * 2**i
-            layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
-            c = w
+            for j in range(stem_depth):  # the stage's first convolution halves the map
+                layers += [nn.Conv2d(c, w, 3, 2 if j == 0 else 1, 1, bias=False)]
+                layers += [nn.BatchNorm2d(w), nn.ReLU(True)]
+                c = w
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c, embed_dim, 1, bias=bias)
         self.patch_size = (p, p)
@@ -80,7 +87,11 @@ def _vitc(embed_dim: int, heads: int, kwargs: dict) -> nn.Module:
         kwargs.pop(key, None)
     if kwargs.pop("pretrained", False):
         raise ValueError("conv-stem ViTs have no published weights (use --init random or a run)")
-    stem = partial(ConvStem, stem_width=int(kwargs.pop("stem_width", 24)))
+    stem = partial(
+        ConvStem,
+        stem_width=int(kwargs.pop("stem_width", 24)),
+        stem_depth=int(kwargs.pop("stem_depth", 1)),
+    )
     args = dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=heads)
     args.update(kwargs)
     return VisionTransformer(embed_layer=stem, **args)
