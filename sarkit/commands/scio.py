@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -165,7 +166,8 @@ def command(
         raise UsageError("no plugin implements scio")
     result = Path(run) / ("screened.jsonl" if screen_only else "refined.jsonl")
     if screen_only or to_stdout:
-        if result.exists():  # absent on ranks other than 0 under torchrun
+        # under torchrun rank 0 alone writes the stream (the others' file may be a rerun's old one)
+        if result.exists() and os.environ.get("RANK", "0") == "0":
             with open(result, encoding="utf-8") as fh:
                 shutil.copyfileobj(fh, sys.stdout)
             sys.stdout.flush()

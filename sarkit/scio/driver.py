@@ -13,9 +13,10 @@ Stages, in a run folder ``-o DIR``::
 A training stage is done when its folder holds DONE (the loop checkpoints inside it, so a
 rerun continues a half-trained stage too); a screening or rewriting stage when its
 records.jsonl exists (written atomically). A screening stage keeps a journal of finished
-batches: killed during screening, the rerun scores only what is left and the result is the
-same. The refined records go to refined.jsonl (or stdout), with report.md, the dITC
-histogram and, in model/, the last stage's model.
+batches (one per rank under torchrun: each rank screens every world-th batch, the shares
+are gathered): killed during screening, the rerun scores only what is left, with any number
+of ranks, and the result is the same. The refined records go to refined.jsonl (or
+stdout), with report.md, the dITC histogram and, in model/, the last stage's model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sarkit import log
 from sarkit.atomic import write_text
@@ -60,7 +62,14 @@ def read_records(path: Path) -> list[dict]:
 class Judge:
     """A stage's model, bank and image reader for screening and rewriting."""
 
-    def __init__(self, run: str, records: list[dict], pool: list[int], options: ScioOptions):
+    def __init__(
+        self,
+        run: str,
+        records: list[dict],
+        pool: list[int],
+        options: ScioOptions,
+        device: Any = None,
+    ):
         import torch
         from safetensors.torch import load_file
 
@@ -74,7 +83,10 @@ class Judge:
 
         config_path, weights, momentum_path = resolve_init(run)
         config = run_config(config_path.parent)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None:  # this rank's GPU under torchrun (LOCAL_RANK), else the CPU
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        self.device = device
         model = KnowLIP(config, pretrained_text=False)
         load_weights(model, weights)
         self.model = model.to(self.device).eval()
@@ -134,14 +146,35 @@ def layout(records: list[dict], options: ScioOptions) -> tuple[str, ...]:
     return choose_fields(usable_records(records, options.records_path or "records"), options.fields)
 
 
-def screen_stage(current, pool, run, options, folder, rnd):
-    from sarkit.scio.screen import decide, run_screening
+def screen_stage(
+    current: list[dict],
+    pool: list[int],
+    run: str,
+    options: ScioOptions,
+    folder: Path,
+    rnd: int,
+) -> tuple[list[dict], dict[int, str]]:
+    """Screen the pool and mark the noise: (records, {pool index: why unreadable}).
 
-    judge = Judge(run, current, pool, options)
-    scores, bad = run_screening(
+    Under torchrun each rank screens every world-th batch of the one-process batching
+    (screen_share) and the shares are all-gathered, so every rank ends with the same merged
+    scores and records as one process would have, whatever the number of ranks.
+    """
+    from sarkit.scio.screen import decide, journal_files, journal_path, merge_shares, screen_share
+
+    rank, world, device = _process_group(options)
+    judge = Judge(run, current, pool, options, device)
+    share = screen_share(
         judge.scorer, judge.image, judge.pool, judge.groups, judge.codec,
-        options.screen_batch, folder / "journal.jsonl",
+        options.screen_batch, journal_path(folder, rank), rank, world, journal_files(folder),
     )  # fmt: skip
+    shares = [share]
+    if world > 1:
+        import torch.distributed as dist
+
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+    scores, bad = merge_shares(shares, judge.pool, options.screen_batch, str(folder))
     flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap)
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
@@ -231,7 +264,7 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
             model_run = str(folder)
             continue
         done = folder / "records.jsonl"
-        if _rank() != 0:  # screening and rewriting run on rank 0 (see scio())
+        if kind == "rewrite" and _rank() != 0:  # rewriting runs on rank 0 (see scio())
             _wait_for(done)
         if done.exists():
             current = read_records(done)
@@ -241,14 +274,16 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
                 }
         else:
             log.info(f"scio: stage {name}")
-            if kind == "screen":
+            if kind == "screen":  # every rank screens a share, all get the merged records
                 current, last_bad = screen_stage(current, pool, model_run, options, folder, rnd)
-                write_text(
-                    folder / "bad.json", json.dumps({str(k): v for k, v in last_bad.items()})
-                )
+                if _rank() == 0:
+                    write_text(
+                        folder / "bad.json", json.dumps({str(k): v for k, v in last_bad.items()})
+                    )
+                    write_records(done, current)
             else:
                 current = rewrite_stage(current, pool, model_run, options)
-            write_records(done, current)
+                write_records(done, current)
         if kind == "screen" and options.screen_only:
             break
     if _rank() != 0:
@@ -292,6 +327,16 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _process_group(options: ScioOptions) -> tuple[int, int, Any]:
+    """(rank, world, device): torchrun's process group, joined as the training stages join
+    it (DeepSpeed's when --deepspeed), so a screening before any training can gather."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from sarkit.train.engine import setup_distributed
+
+    return setup_distributed(bool(options.deepspeed))
+
+
 def _wait_for(path: Path) -> None:
     import time
 
@@ -302,9 +347,11 @@ def _wait_for(path: Path) -> None:
 def scio(records: list[dict], options: ScioOptions) -> Path:
     """Run SCIO (and the --ablation arms); the process group is torn down cleanly.
 
-    Under torchrun every rank trains; screening and rewriting run on rank 0 from the stage's
-    exported model (so the result cannot depend on the number of ranks) while the other
-    ranks wait for its records file.
+    Under torchrun every rank trains and screens a share of the batches (gathered: the
+    merged result is a one-process run's, byte for byte); rewriting runs on rank 0 from the
+    stage's exported model while the other ranks wait for its records file (it handles the
+    flagged segments only, a small share of the work; sharding it would need its batching
+    carried over as screening's is).
     """
     from sarkit.train.engine import teardown_distributed
 

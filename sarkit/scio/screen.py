@@ -149,25 +149,34 @@ class Journal:
     Batches have a fixed composition (batch k = screened records k*B .. k*B+B-1), so a rerun
     after a kill skips what is done and scores the rest exactly as an uninterrupted run. A
     torn last line (killed mid-write) is ignored; a batch whose records differ (other input
-    or batch size) is not reused.
+    or batch size) is not reused. Under torchrun each rank appends to a file of its own
+    (:func:`journal_path`) and reads the others' too (``others``, never written or cut:
+    their ranks may be appending), so a rerun with another number of ranks reuses them all.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, others: Sequence[Path] = ()):
         self.path = path
         self.done: dict[int, dict] = {}
+        for other in others:
+            if other != path and other.exists():
+                data = other.read_bytes()
+                self._read(data[: data.rfind(b"\n") + 1])
         if path.exists():
             data = path.read_bytes()
             whole = data[: data.rfind(b"\n") + 1]
             if len(whole) != len(data):  # a torn last line: cut it, appends start clean
                 with open(path, "r+b") as fh:
                     fh.truncate(len(whole))
-            for line in whole.decode("utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.done[int(entry["batch"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue
+            self._read(whole)
         self._fh = None
+
+    def _read(self, whole: bytes) -> None:
+        for line in whole.decode("utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                self.done[int(entry["batch"])] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
 
     def get(self, k: int, ids: list[str]) -> dict | None:
         entry = self.done.get(k)
@@ -187,34 +196,53 @@ class Journal:
             self._fh = None
 
 
-def run_screening(
+def journal_path(folder: Path, rank: int) -> Path:
+    """Rank 0 keeps journal.jsonl (the one-process name), rank r journal-rankR.jsonl."""
+    return folder / ("journal.jsonl" if rank == 0 else f"journal-rank{rank}.jsonl")
+
+
+def journal_files(folder: Path) -> list[Path]:
+    """Every rank's journal in a screening folder (whatever world size wrote them)."""
+    return [folder / "journal.jsonl", *sorted(folder.glob("journal-rank*.jsonl"))]
+
+
+def batch_ids(pool: list[dict], batch: int, k: int) -> list[str]:
+    return [str(pool[i].get("id")) for i in range(k * batch, min(len(pool), (k + 1) * batch))]
+
+
+def screen_share(
     scorer: Scorer,
     load_image: Any,
     pool: list[dict],
     groups: list[int],
     codec: Any,
     batch: int,
-    journal_path: Path,
-) -> tuple[dict[int, dict[str, list[float]]], dict[int, str]]:
-    """Screen every record of `pool`; ({pool index: {field: [dITC, dITM]}}, {index: why bad}).
+    journal: Path,
+    rank: int = 0,
+    world: int = 1,
+    others: Sequence[Path] = (),
+) -> dict[int, dict]:
+    """Screen this rank's batches (k % world == rank); {batch: journal entry}.
 
+    The batches are those of a one-process run (batch k = pool records k*B .. k*B+B-1) and
+    a record's numbers depend only on its own batch, so sharding changes no value. Batches
+    found in ``journal`` or ``others`` (a killed run's) are reused, not screened again.
     `load_image(index)` returns the model's input tensor or raises SarkitError (unreadable
     tile: that record is reported and passed through, the batch goes on).
     """
     from sarkit.errors import SarkitError
 
-    journal = Journal(journal_path)
-    scores: dict[int, dict[str, list[float]]] = {}
-    bad: dict[int, str] = {}
-    n_batches = math.ceil(len(pool) / batch)
+    book = Journal(journal, others)
+    mine = list(range(rank, math.ceil(len(pool) / batch), world))
+    out: dict[int, dict] = {}
     reused = 0
     group_t = torch.as_tensor(groups)
     try:
-        with log.progress("scio screen", total=n_batches) as advance:
-            for k in range(n_batches):
+        with log.progress("scio screen", total=len(mine)) as advance:
+            for k in mine:
                 idx = list(range(k * batch, min(len(pool), (k + 1) * batch)))
-                ids = [str(pool[i].get("id")) for i in idx]
-                entry = journal.get(k, ids)
+                ids = batch_ids(pool, batch, k)
+                entry = book.get(k, ids)
                 if entry is None:
                     entry = {"batch": k, "ids": ids, "scores": {}, "bad": {}}
                     good, tensors = [], []
@@ -232,19 +260,55 @@ def run_screening(
                                 codec.fields[j]: [round(d, 7), round(m, 7)]
                                 for j, (d, m) in per.items()
                             }
-                    journal.add(entry)
+                    book.add(entry)
                 else:
                     reused += 1
-                for i, per in entry["scores"].items():
-                    scores[int(i)] = per
-                for i, why in entry["bad"].items():
-                    bad[int(i)] = why
+                out[k] = entry
                 advance(1)
     finally:
-        journal.close()
+        book.close()
     if reused:
-        log.info(f"scio screen: {reused} of {n_batches} batches were done before; not redone")
+        log.info(f"scio screen: {reused} of {len(mine)} batches were done before; not redone")
+    return out
+
+
+def merge_shares(
+    shares: Sequence[dict[int, dict]], pool: list[dict], batch: int, where: str
+) -> tuple[dict[int, dict[str, list[float]]], dict[int, str]]:
+    """Every rank's entries in batch order: ({pool index: {field: [dITC, dITM]}},
+    {index: why bad}). A batch missing, or screened for other records, is an error naming
+    `where` (the stage folder): it would silently drop records from the noise pool."""
+    from sarkit.errors import SarkitError
+
+    entries: dict[int, dict] = {}
+    for share in shares:
+        entries.update({int(k): v for k, v in share.items()})
+    scores: dict[int, dict[str, list[float]]] = {}
+    bad: dict[int, str] = {}
+    for k in range(math.ceil(len(pool) / batch)):
+        entry = entries.get(k)
+        if entry is None or entry.get("ids") != batch_ids(pool, batch, k):
+            raise SarkitError(f"{where}: screening batch {k} is missing from every rank's share")
+        for i, per in entry["scores"].items():
+            scores[int(i)] = per
+        for i, why in entry["bad"].items():
+            bad[int(i)] = why
     return scores, bad
+
+
+def run_screening(
+    scorer: Scorer,
+    load_image: Any,
+    pool: list[dict],
+    groups: list[int],
+    codec: Any,
+    batch: int,
+    journal_path: Path,
+) -> tuple[dict[int, dict[str, list[float]]], dict[int, str]]:
+    """Screen every record of `pool` in one process; ({pool index: {field: [dITC, dITM]}},
+    {index: why bad}). See :func:`screen_share` and :func:`merge_shares`."""
+    share = screen_share(scorer, load_image, pool, groups, codec, batch, journal_path)
+    return merge_shares([share], pool, batch, str(journal_path.parent))
 
 
 def decide(
