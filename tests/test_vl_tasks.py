@@ -7,6 +7,7 @@ would spend most of this file's time importing torch, transformers and timm agai
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import shared, tiny_bert
@@ -159,3 +160,88 @@ def test_eval_text_plot(sft, capsys, tmp_path):
     assert "t-SNE of 40 features" in err
     stats = json.loads(out)["caption.jsonl"]["caption"]
     assert stats["texts"] == 180  # 36 images x 5 templates
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_retrieval_under_torchrun_two_ranks(sft, capsys, tmp_path):
+    """`torchrun --nproc_per_node 2 -m sarkit finetune retrieval` trains (DDP, gloo): finite
+    losses, a complete run folder written once, the held-out split ranked whole (7 images,
+    35 texts, as `sarkit eval retrieval` finds on the run), and its first step's ITC loss
+    equals a one-process run's at twice the batch: every rank's batch is in the ITC
+    negatives. Without that gather the step-1 ITC of 2 x 4 would be a softmax over 4
+    candidates, not 8 (about ln 2 nats lower).
+
+    The text towers have no dropout here (a copy of the tiny BERT with dropout 0): dropout
+    draws differ between the runs and would move the ITC loss by far more than the
+    reduction-order noise (~1e-6 relative) that the tolerance allows. ITM is not compared:
+    its hard negatives are random draws, over 8 samples in either case but from differently
+    seeded streams; it is checked finite only."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data, _ = sft
+    bert = tmp_path / "bert"
+    shutil.copytree(tiny_bert(), bert)
+    config = json.loads((bert / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (bert / "config.json").write_text(json.dumps(config))
+    pre = tmp_path / "pre"
+    run(capsys, "-q", "pretrain", data / "pre.jsonl", "-o", pre, "--vision",
+        "vit_tiny_patch16_224", "--image-size", "32", "--text", bert, "--max-tokens", "40",
+        "--embed-dim", "32", "--queue-size", "16", "--batch-size", "8", "--max-steps", "1",
+        "--warmup-steps", "1", "--workers", "0", "--fields", "caption")  # fmt: skip
+    common = ["finetune", "retrieval", "--init", pre, "--data", data / "retrieval.jsonl",
+              "--max-steps", "2", "--workers", "0", "--log-every", "1", "--k-test", "4",
+              "--max-tokens", "35", "--lr", "1e-4"]  # fmt: skip
+    run(capsys, *common, "--batch-size", "8", "-o", tmp_path / "one")
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "sarkit", *map(str, common),
+         "--batch-size", "4", "-o", str(two)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+
+    rows2, rows1 = _csv(two / "metrics.csv"), _csv(tmp_path / "one" / "metrics.csv")
+    assert [r["step"] for r in rows2] == ["1", "2"]
+    for r in rows2:
+        for key in ("loss", "itc", "itm"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (key, r)
+    a, b = float(rows1[0]["itc"]), float(rows2[0]["itc"])
+    assert abs(a - b) <= 1e-5 * abs(a) + 2e-6, (a, b)
+    assert rows1[0]["temp"] == rows2[0]["temp"]
+
+    names = {p.name for p in two.iterdir()}
+    assert {"config.json", "split.json", "text", "best.safetensors", "last.safetensors",
+            "metrics.csv", "eval.csv", "results.json", "checkpoints"} <= names  # fmt: skip
+    ckpt = two / "checkpoints" / (two / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((ckpt / "state.json").read_text())["world"] == 2
+    assert {p.name for p in ckpt.glob("rng-rank*")} == {"rng-rank0.safetensors",
+                                                       "rng-rank1.safetensors"}  # fmt: skip
+    assert len(_csv(two / "eval.csv")) == 1  # rank 0 alone writes the evaluation rows
+    measured = {k: float(v) for k, v in _csv(two / "eval.csv")[-1].items()}
+    assert measured["images"] == 7 and measured["texts"] == 35  # the whole split, once
+    out, _ = run(capsys, "eval", "retrieval", two, "--weights", "last")
+    m = json.loads(out)["metrics"]
+    assert m["images"] == 7 and m["texts"] == 35
+    for key in ("i2t_r1", "t2i_r1", "r_mean", "itc_r_mean"):
+        assert m[key] == pytest.approx(measured[key], abs=1e-5), key

@@ -89,6 +89,20 @@ def save_module(module: nn.Module, path: Path) -> None:
     barrier()
 
 
+def same_on_every_rank(values: dict[str, float]) -> dict[str, float]:
+    """Rank 0's metrics on every rank. Each rank measures the whole held-out split (all
+    pairs, not a shard: ZeRO-3 forwards need every rank anyway), and the ranks must agree on
+    whether an epoch is the best, since saving it is collective; a last-bit difference
+    between them must not split that decision."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class HeadTask(ModuleTask):
     """A head's model on the loop: measures the held-out split after every epoch (eval.csv)
     and keeps the weights of the best epoch by the head's primary metric."""
@@ -126,7 +140,7 @@ class HeadTask(ModuleTask):
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         if self.measure is None:
             return {}
-        values = self.measure(module)
+        values = same_on_every_rank(self.measure(module))
         self.evaluations += 1
         score = values.get(self.primary)
         if score is not None and score > self.best:
@@ -173,6 +187,8 @@ def run(head: Any, options: FinetuneOptions) -> Path:
         teardown_distributed(clean=False)
         raise
     teardown_distributed()
+    if not loop.main:  # under torchrun rank 0 summarises the run
+        return out
     results = runfolder.write_results(out, head.primary)
     if results:
         settled = results["settled"].get(head.primary)

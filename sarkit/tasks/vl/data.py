@@ -120,7 +120,13 @@ def freeze(modules: Sequence[nn.Module]) -> None:
 
 
 class RetrievalModel(nn.Module):
-    """ITC (momentum distillation, queue; every caption of an image is a positive) + ITM."""
+    """ITC (momentum distillation, queue; every caption of an image is a positive) + ITM.
+
+    Under DDP the ITC negatives and targets are the momentum features of every rank's
+    batch (all-gathered, no gradient: they are keys, as the queue's entries are) plus the
+    queue, and ITM draws its hard negatives from every rank's batch (``_itm_loss``); so a
+    step's ITC loss does not depend on how its global batch is split over ranks.
+    """
 
     def __init__(self, lip: nn.Module):
         super().__init__()
@@ -137,17 +143,17 @@ class RetrievalModel(nn.Module):
         txt_feat = lip.text_feature(input_ids, attention_mask)
         with torch.no_grad():
             img_m, txt_m = momentum.features(images, input_ids, attention_mask)
+            img_m_all, txt_m_all, groups_all = gather(img_m), gather(txt_m), gather(groups)
             q_img, q_txt, q_group = momentum.queued()
-            img_all, txt_all = torch.cat([img_m, q_img]), torch.cat([txt_m, q_txt])
-            pos = (groups[:, None] == torch.cat([groups, q_group])[None, :]).float()
+            img_all, txt_all = torch.cat([img_m_all, q_img]), torch.cat([txt_m_all, q_txt])
+            pos = (groups[:, None] == torch.cat([groups_all, q_group])[None, :]).float()
             hard = pos / pos.sum(1, keepdim=True)
             t_i2t = alpha * F.softmax(img_m @ txt_all.T / temp, dim=1) + (1 - alpha) * hard
             t_t2i = alpha * F.softmax(txt_m @ img_all.T / temp, dim=1) + (1 - alpha) * hard
         loss_i2t = -(F.log_softmax(img_feat @ txt_all.T / temp, 1) * t_i2t).sum(1).mean()
         loss_t2i = -(F.log_softmax(txt_feat @ img_all.T / temp, 1) * t_t2i).sum(1).mean()
         itc = (loss_i2t + loss_t2i) / 2
-        groups_all = gather(groups)
-        momentum.enqueue(gather(img_m), gather(txt_m), groups_all)
+        momentum.enqueue(img_m_all, txt_m_all, groups_all)
         itm = lip._itm_loss(
             tokens, img_feat, txt_feat, input_ids, attention_mask, temp, groups, groups_all
         )
