@@ -231,8 +231,10 @@ def test_retrieval_under_torchrun_two_ranks(sft, capsys, tmp_path):
     assert rows1[0]["temp"] == rows2[0]["temp"]
 
     names = {p.name for p in two.iterdir()}
-    assert {"config.json", "split.json", "text", "best.safetensors", "last.safetensors",
-            "metrics.csv", "eval.csv", "results.json", "checkpoints"} <= names  # fmt: skip
+    assert {"config.json", "split.json", "text", "best.safetensors", "best.json",
+            "last.safetensors", "metrics.csv", "eval.csv", "results.json",
+            "checkpoints"} <= names  # fmt: skip
+    assert not [n for n in names if n.endswith(".part")]  # no write left half-done
     ckpt = two / "checkpoints" / (two / "checkpoints" / "latest").read_text().strip()
     assert json.loads((ckpt / "state.json").read_text())["world"] == 2
     assert {p.name for p in ckpt.glob("rng-rank*")} == {"rng-rank0.safetensors",

@@ -75,15 +75,20 @@ def _gathered(module: nn.Module):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def save_module(module: nn.Module, path: Path) -> None:
-    """fp32 weights of `module` as safetensors, atomically (rank 0 writes)."""
+def _main() -> bool:
+    """Rank 0 of a process group, or the only process: the one that writes."""
     import torch.distributed as dist
 
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    """fp32 weights of `module` as safetensors, atomically (rank 0 writes)."""
     from sarkit.model.weights import save_weights
     from sarkit.train.engine import barrier
 
     with _gathered(module):
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if _main():
             with atomic_path(path) as tmp:
                 save_weights(module, tmp)
     barrier()
@@ -146,10 +151,11 @@ class HeadTask(ModuleTask):
         if score is not None and score > self.best:
             self.best = score
             save_module(module, self.out / "best.safetensors")
-            write_text(
-                self.out / "best.json",
-                json.dumps({self.primary: score, "evaluation": self.evaluations}) + "\n",
-            )
+            if _main():
+                write_text(
+                    self.out / "best.json",
+                    json.dumps({self.primary: score, "evaluation": self.evaluations}) + "\n",
+                )
         return values
 
     def export(self, out: Path, module: nn.Module, specs: dict, tensors: Any) -> None:
