@@ -294,3 +294,22 @@ def test_bad_annotations_are_counted_or_named(cli, tmp_path):
         assert "Traceback" not in proc.stderr
     proc = cli("finetune", "detect", "--data", coco, "-o", tmp_path / "r3", *TINY[:-1], "40")
     assert proc.returncode == 2 and "a multiple of 32" in proc.stderr
+
+
+@pytest.mark.slow
+def test_detect_under_deepspeed(tmp_path):
+    """--deepspeed: torchvision's detector (a dict of losses in training, boxes in eval) trains
+    through the loop's DeepSpeed engine and is scored (its own process)."""
+    pytest.importorskip("deepspeed")
+    from conftest import sarkit
+
+    coco = hrsid_coco(lambda *a, check=None: sarkit(*a, check=check), tmp_path / "h", n=4)
+    run = tmp_path / "run"
+    proc = sarkit("finetune", "detect", "--data", coco, "-o", run, *TINY, "--max-steps", "2",
+                  "--deepspeed", "zero1", env={"DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    state = json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["engine"] == "deepspeed" and state["zero_stage"] == 1
+    rows = eval_rows(run)
+    assert rows and 0.0 <= float(rows[-1]["map50"]) <= 1.0
+    assert (run / "last.safetensors").exists()
