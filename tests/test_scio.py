@@ -8,6 +8,7 @@ Whether screening finds real noise is test_scio_learn's question.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -286,6 +287,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One compute thread in this process while the block runs, as a torchrun rank has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torchrun(args: list, tmp_path):
+    """`torchrun --nproc_per_node 2 -m sarkit ARGS`, one compute thread per process (its
+    default), its temporary folders under tmp_path; the finished process, checked clean."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "sarkit", *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+    return proc
+
+
 def test_screening_sharded_over_two_ranks_equals_one_process(base, tmp_path, cli_in_process):
     """torchrun with 2 processes screens every other batch on each rank and gathers: the
     merged records equal a one-process run's byte for byte, and a run killed during a
@@ -296,34 +326,14 @@ def test_screening_sharded_over_two_ranks_equals_one_process(base, tmp_path, cli
     size between --screen-batch 2 and 5, which is why the shards keep the one-process
     batches rather than dealing out records), and values are written to 7 decimals. The
     one-process runs run in this process (a fresh interpreter costs seconds of imports)."""
-
-    env = {"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's temp dirs go here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _sharded_screening(base, tmp_path, cli_in_process, env)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _sharded_screening(base, tmp_path, cli, env) -> None:
-    import os
     import shutil
-    import subprocess
-    import sys
 
     args = ["scio", base / "mixed.jsonl", "--init", base / "base", "--screen-only",
             "--screen-batch", "2", "--itc-margin", "0", "--itm-margin", "0",
             "--field-cap", "0.5"]  # fmt: skip
-    one = cli(*args, "-o", tmp_path / "one", check=0)
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), "-m", "sarkit",
-         *map(str, args), "-o", str(tmp_path / "two")],
-        capture_output=True, text=True, env=dict(os.environ, **env), timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "Traceback" not in two.stderr and "terminate called" not in two.stderr
+    with one_thread():
+        one = cli_in_process(*args, "-o", tmp_path / "one", check=0)
+    two = _torchrun([*args, "-o", tmp_path / "two"], tmp_path)
     assert two.stdout == one.stdout  # rank 0 alone streams the records
     screened = read(tmp_path / "one" / "screened.jsonl")
     assert len(screened) == 15 and sum("scio" in r for r in screened) == 12
@@ -347,8 +357,38 @@ def _sharded_screening(base, tmp_path, cli, env) -> None:
     shutil.copy(stage / "journal-rank1.jsonl", again / "journal-rank1.jsonl")
     with open(again / "journal-rank1.jsonl", "r+") as fh:
         fh.truncate(len(fh.readline()))
-    resumed = cli(*args, "-o", tmp_path / "again", check=0)
+    with one_thread():
+        resumed = cli_in_process(*args, "-o", tmp_path / "again", check=0)
     assert "2 of 7 batches were done before; not redone" in resumed.stderr
     assert resumed.stdout == one.stdout
     assert batches(again / "journal.jsonl") == [0, 2, 3, 4, 5, 6]  # torn line cut
     assert batches(again / "journal-rank1.jsonl") == [1]  # another rank's file: read only
+
+
+def test_rewriting_sharded_over_two_ranks_equals_one_process(
+    base, refined_run, tmp_path, cli_in_process
+):
+    """From the same screened records and stage model (the module run's first two stages),
+    torchrun with 2 processes rewrites every other chunk on each rank: the rewrite stage's
+    records and the refined stream equal a one-process rewrite's byte for byte (one compute
+    thread in both, as in the screening test)."""
+    import shutil
+
+    run, _ = refined_run
+    started = {}
+    for name in ("one", "two"):
+        for stage in ("01-screen-r1", "02-train-r1"):
+            shutil.copytree(run / "stages" / stage, tmp_path / name / "stages" / stage)
+        started[name] = tmp_path / name
+    with one_thread():
+        one = cli_in_process(*scio_args(base, started["one"]), check=0)
+    two = _torchrun(scio_args(base, started["two"]), tmp_path)
+    assert "scio: stage 03-rewrite-r1" in two.stderr  # the first two stages were not redone
+    assert "scio: stage 01-screen-r1" not in two.stderr
+    assert two.stdout == one.stdout
+    done = "stages/03-rewrite-r1/records.jsonl"
+    assert (started["two"] / done).read_bytes() == (started["one"] / done).read_bytes()
+    # one flagged record per chunk (--screen-batch 1): with 2 or more, both ranks had work
+    rewritten = [r for r in read(started["two"] / done)
+                 if any("rewrite" in s for s in r.get("scio", {}).values())]  # fmt: skip
+    assert len(rewritten) >= 2

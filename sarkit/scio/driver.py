@@ -199,10 +199,16 @@ def screen_stage(
     return out, bad
 
 
-def rewrite_stage(current, pool, run, options):
+def rewrite_stage(
+    current: list[dict], pool: list[int], run: str, options: ScioOptions
+) -> list[dict]:
+    """Rewrite or remove the noise pool's segments; under torchrun each rank rewrites a
+    share of the one-process chunks and the shares are all-gathered, so every rank ends with
+    the records one process would have written."""
     from sarkit.scio.reconstruct import rewrite
 
-    judge = Judge(run, current, pool, options)
+    rank, world, device = _process_group(options)
+    judge = Judge(run, current, pool, options, device)
     flagged = {}
     for k, i in enumerate(pool):
         names = set(current[i].get("mlm_exclude") or ())
@@ -210,8 +216,14 @@ def rewrite_stage(current, pool, run, options):
             flagged[k] = names
     result = rewrite(
         judge.model, judge.scorer, judge.codec, judge.pool, judge.groups, flagged,
-        judge.image, judge.dec_id, options.max_new_tokens, options.screen_batch,
+        judge.image, judge.dec_id, options.max_new_tokens, options.screen_batch, rank, world,
     )  # fmt: skip
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: list = [None] * world
+        dist.all_gather_object(shares, result)
+        result = {k: v for share in shares for k, v in share.items()}
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
         rec = out[i]
@@ -264,8 +276,6 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
             model_run = str(folder)
             continue
         done = folder / "records.jsonl"
-        if kind == "rewrite" and _rank() != 0:  # rewriting runs on rank 0 (see scio())
-            _wait_for(done)
         if done.exists():
             current = read_records(done)
             if kind == "screen":
@@ -274,15 +284,17 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
                 }
         else:
             log.info(f"scio: stage {name}")
-            if kind == "screen":  # every rank screens a share, all get the merged records
+            # every rank screens or rewrites a share; all get the merged records, rank 0
+            # writes them
+            if kind == "screen":
                 current, last_bad = screen_stage(current, pool, model_run, options, folder, rnd)
                 if _rank() == 0:
                     write_text(
                         folder / "bad.json", json.dumps({str(k): v for k, v in last_bad.items()})
                     )
-                    write_records(done, current)
             else:
                 current = rewrite_stage(current, pool, model_run, options)
+            if _rank() == 0:
                 write_records(done, current)
         if kind == "screen" and options.screen_only:
             break
@@ -337,21 +349,12 @@ def _process_group(options: ScioOptions) -> tuple[int, int, Any]:
     return setup_distributed(bool(options.deepspeed))
 
 
-def _wait_for(path: Path) -> None:
-    import time
-
-    while not path.exists():
-        time.sleep(1.0)
-
-
 def scio(records: list[dict], options: ScioOptions) -> Path:
     """Run SCIO (and the --ablation arms); the process group is torn down cleanly.
 
-    Under torchrun every rank trains and screens a share of the batches (gathered: the
-    merged result is a one-process run's, byte for byte); rewriting runs on rank 0 from the
-    stage's exported model while the other ranks wait for its records file (it handles the
-    flagged segments only, a small share of the work; sharding it would need its batching
-    carried over as screening's is).
+    Under torchrun every rank trains, screens a share of the batches and rewrites a share
+    of the chunks from the stage's exported model (gathered: the merged records are a
+    one-process run's, byte for byte, for the same stage models).
     """
     from sarkit.train.engine import teardown_distributed
 

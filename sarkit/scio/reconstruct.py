@@ -30,8 +30,16 @@ def rewrite(
     dec_id: int,
     max_new_tokens: int,
     batch: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[int, dict[str, dict]]:
-    """{pool index: {field: {"text", "ditc", "ditm", "accepted"}}} for every flagged segment."""
+    """{pool index: {field: {"text", "ditc", "ditm", "accepted"}}} for every flagged segment.
+
+    Chunks are `batch` flagged records in pool order; under torchrun rank r rewrites chunks
+    c % world == r (the same chunks as one process: a generation's padding and its scores'
+    rounding depend on what shares the chunk), so the ranks' results merged are one
+    process's.
+    """
     from sarkit.errors import SarkitError
     from sarkit.model.decoder import ids_to_text
 
@@ -39,8 +47,10 @@ def rewrite(
     out: dict[int, dict[str, dict]] = {}
     budget = max(8, codec.max_tokens - max_new_tokens - 2)
     group_t = torch.as_tensor(groups)
-    with log.progress("scio rewrite", total=len(order)) as advance:
-        for s in range(0, len(order), batch):
+    starts = list(range(0, len(order), batch))[rank::world]
+    total = sum(len(order[s : s + batch]) for s in starts)
+    with log.progress("scio rewrite", total=total) as advance:
+        for s in starts:
             chunk, images = [], []
             for i in order[s : s + batch]:
                 try:
