@@ -365,6 +365,7 @@ def test_screening_sharded_over_two_ranks_equals_one_process(base, tmp_path, cli
     assert batches(again / "journal-rank1.jsonl") == [1]  # another rank's file: read only
 
 
+@pytest.mark.slow  # 60-70 s: the screening test above covers the same sharding under CI
 def test_rewriting_sharded_over_two_ranks_equals_one_process(
     base, refined_run, tmp_path, cli_in_process
 ):
