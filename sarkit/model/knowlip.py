@@ -35,6 +35,7 @@ from sarkit.model.weights import load_weights
 
 TEMP_RANGE = (0.001, 0.5)
 DECODER_LOSSES = ("mlm", "lm", "both")
+POOLS = ("mean", "cls")
 EMA_CHUNK = 20_000_000  # parameters gathered at once for the ZeRO-3 EMA step
 
 
@@ -68,6 +69,12 @@ class KnowLIPConfig:
     # text tower, all-MiniLM-L6-v2, was trained as a mean-pooled sentence encoder: its
     # [CLS] carries little, and neither does a randomly initialised ViT's class token.
     pool: str = "mean"
+    # what the ITM head reads of the fused pass: "mean" of the text tokens or [CLS] (ALBEF/
+    # BLIP); None: as `pool`. MiniLM's [CLS] after its first self-attention is one vector
+    # for every text (cosine >= 0.9998 between the 10 MSTAR classes' texts), so with
+    # --text-layers 1 a [CLS] head sees the image but not the text and sits at its prior.
+    # A run saved without this field read the [CLS] (``from_dict``).
+    itm_pool: str | None = None
     # the decoder's objectives: "mlm" (the paper's masked LM), "lm" (BLIP's causal LM, which
     # generation needs: captions, answers, SCIO's rewritten segments) or "both" (summed; the
     # default, so a pretrained run can generate and still trains the paper's MLM)
@@ -87,6 +94,10 @@ class KnowLIPConfig:
             raise ValueError(
                 f"decoder_loss {self.decoder_loss!r}: one of {', '.join(DECODER_LOSSES)}"
             )
+        if self.itm_pool is None:
+            self.itm_pool = self.pool
+        if self.itm_pool not in POOLS:
+            raise ValueError(f"itm_pool {self.itm_pool!r}: one of {', '.join(POOLS)}")
         self.vision = vision_name(self.vision)
         self.fields = tuple(self.fields)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
@@ -97,7 +108,9 @@ class KnowLIPConfig:
     @classmethod
     def from_dict(cls, data: dict) -> KnowLIPConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.setdefault("itm_pool", "cls")  # saved before itm_pool: its head read [CLS]
+        return cls(**kwargs)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -210,8 +223,10 @@ class KnowLIP(nn.Module):
     def itm_logits(
         self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
+        """Match logits (no, yes) of image i with text i, from the fused pass's pooled tokens
+        (``config.itm_pool``)."""
         hidden = bert_hidden(self.text, input_ids, attention_mask, self.image_to_text(image_tokens))
-        return self.itm_head(hidden[:, 0]).float()
+        return self.itm_head(pool_text(hidden, attention_mask, self.config.itm_pool)).float()
 
     def mlm_logits(
         self,
