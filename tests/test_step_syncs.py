@@ -37,8 +37,8 @@ def _setup():
     torch.manual_seed(0)
     config = KnowLIPConfig(vision="vit_tiny_patch16_224", image_size=32, text=str(tiny_bert()),
                            text_layers=1, embed_dim=32, queue_size=20, max_tokens=40,
-                           fields=TERRAIN_FIELDS)  # fmt: skip
-    model = KnowLIP(config)
+                           fields=TERRAIN_FIELDS, itm_pool="cls")  # fmt: skip
+    model = KnowLIP(config)  # itm_pool: BEFORE was recorded when the ITM head read [CLS]
     momentum = Momentum(model, config.queue_size, config.momentum)
     momentum.copy_from(model)
     optimizer = adamw(param_groups(model, 0.05), 1e-3)
