@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -166,8 +165,10 @@ def command(
         raise UsageError("no plugin implements scio")
     result = Path(run) / ("screened.jsonl" if screen_only else "refined.jsonl")
     if screen_only or to_stdout:
+        from sarkit.train.engine import launch_rank  # torch is loaded by now
+
         # under torchrun rank 0 alone writes the stream (the others' file may be a rerun's old one)
-        if result.exists() and os.environ.get("RANK", "0") == "0":
+        if result.exists() and launch_rank() == 0:
             with open(result, encoding="utf-8") as fh:
                 shutil.copyfileobj(fh, sys.stdout)
             sys.stdout.flush()

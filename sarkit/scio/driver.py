@@ -33,6 +33,7 @@ from sarkit.atomic import write_text
 from sarkit.errors import SarkitError
 from sarkit.scio.options import ScioOptions
 from sarkit.scio.records import Skipped, problem
+from sarkit.train.engine import launch_rank
 
 
 def plan(options: ScioOptions) -> list[tuple[str, str, int]]:
@@ -83,9 +84,8 @@ class Judge:
 
         config_path, weights, momentum_path = resolve_init(run)
         config = run_config(config_path.parent)
-        if device is None:  # this rank's GPU under torchrun (LOCAL_RANK), else the CPU
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        if device is None:  # one process (under torchrun _process_group gives the rank's)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         model = KnowLIP(config, pretrained_text=False)
         load_weights(model, weights)
@@ -168,12 +168,7 @@ def screen_stage(
         judge.scorer, judge.image, judge.pool, judge.groups, judge.codec,
         options.screen_batch, journal_path(folder, rank), rank, world, journal_files(folder),
     )  # fmt: skip
-    shares = [share]
-    if world > 1:
-        import torch.distributed as dist
-
-        shares = [None] * world
-        dist.all_gather_object(shares, share)
+    shares = _every_ranks(share, world)
     scores, bad = merge_shares(shares, judge.pool, options.screen_batch, str(folder))
     flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap)
     out = [copy.deepcopy(r) for r in current]
@@ -218,12 +213,7 @@ def rewrite_stage(
         judge.model, judge.scorer, judge.codec, judge.pool, judge.groups, flagged,
         judge.image, judge.dec_id, options.max_new_tokens, options.screen_batch, rank, world,
     )  # fmt: skip
-    if world > 1:
-        import torch.distributed as dist
-
-        shares: list = [None] * world
-        dist.all_gather_object(shares, result)
-        result = {k: v for share in shares for k, v in share.items()}
+    result = {k: v for share in _every_ranks(result, world) for k, v in share.items()}
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
         rec = out[i]
@@ -288,17 +278,17 @@ def run_scio(records: list[dict], options: ScioOptions) -> Path:
             # writes them
             if kind == "screen":
                 current, last_bad = screen_stage(current, pool, model_run, options, folder, rnd)
-                if _rank() == 0:
+                if launch_rank() == 0:
                     write_text(
                         folder / "bad.json", json.dumps({str(k): v for k, v in last_bad.items()})
                     )
             else:
                 current = rewrite_stage(current, pool, model_run, options)
-            if _rank() == 0:
+            if launch_rank() == 0:
                 write_records(done, current)
         if kind == "screen" and options.screen_only:
             break
-    if _rank() != 0:
+    if launch_rank() != 0:
         return out
     for k in sorted(last_bad):
         skipped.add(records[pool[k]], "tile", f" ({last_bad[k]})")
@@ -335,8 +325,15 @@ def _copy_model(run: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _every_ranks(share: Any, world: int) -> list:
+    """Every rank's `share`, in rank order (this one's alone in one process)."""
+    if world <= 1:
+        return [share]
+    import torch.distributed as dist
+
+    shares: list = [None] * world
+    dist.all_gather_object(shares, share)
+    return shares
 
 
 def _process_group(options: ScioOptions) -> tuple[int, int, Any]:

@@ -101,11 +101,11 @@ def finish_stage(folder: Path, keep_checkpoints: bool) -> None:
     """Mark a training stage done; its checkpoints go unless asked to stay (the next stage
     starts from the stage's exported model, and a done stage is never resumed: a tiny
     model's checkpoint with its optimiser state is already some 400 MB)."""
-    import os
     import shutil
 
     from sarkit.atomic import write_text
+    from sarkit.train.engine import launch_rank
 
     write_text(folder / "DONE", "done\n")
-    if not keep_checkpoints and os.environ.get("RANK", "0") == "0":
+    if not keep_checkpoints and launch_rank() == 0:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
