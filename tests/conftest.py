@@ -77,6 +77,26 @@ def sarkit(*args: str, input: str | None = None, cwd: Path | None = None, env=No
     return proc
 
 
+def torchrun(*args, env: dict | None = None, timeout: float = 300):
+    """`torchrun --nproc_per_node 2 -m sarkit ARGS` on a free port, one compute thread per
+    process (torchrun's default), `env` added; the finished process, checked clean: exit 0,
+    no traceback, no abort at exit."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "sarkit", *map(str, args)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+    return proc
+
+
 @pytest.fixture(autouse=True)
 def _log_state_is_reset():
     """An in-process `--quiet` run leaves sarkit.log quiet for the next test in the same worker,

@@ -17,13 +17,9 @@ gathered) moves the losses by percents from the third step on.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
-from conftest import shared
+from conftest import shared, torchrun
 from test_pretrain import TINY, rows
 from test_pretrain_data import mstar_records, write_jsonl
 
@@ -32,21 +28,10 @@ pytest.importorskip("deepspeed")
 STEPS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run2(records, out, *extra) -> list[dict]:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), "-m", "sarkit", "pretrain", str(records),
-            "-o", str(out), *TINY, "--workers", "0", "--max-steps", str(STEPS),
-            "--save-every", "0", "--lr", "1e-4", "--warmup-steps", "1", *extra]  # fmt: skip
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+    torchrun("pretrain", records, "-o", out, *TINY, "--workers", "0", "--max-steps", STEPS,
+             "--save-every", "0", "--lr", "1e-4", "--warmup-steps", "1", *extra,
+             env={"DS_ACCELERATOR": "cpu"}, timeout=500)  # fmt: skip
     return rows(out)
 
 

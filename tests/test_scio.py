@@ -279,14 +279,6 @@ def test_scio_bad_input_is_one_line(tmp_path, cli):
 # ---------------------------------------------------------------- under torchrun
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def one_thread():
     """One compute thread in this process while the block runs, as a torchrun rank has."""
@@ -299,21 +291,10 @@ def one_thread():
 
 
 def _torchrun(args: list, tmp_path):
-    """`torchrun --nproc_per_node 2 -m sarkit ARGS`, one compute thread per process (its
-    default), its temporary folders under tmp_path; the finished process, checked clean."""
-    import os
-    import subprocess
-    import sys
+    """conftest's torchrun, its temporary folders under tmp_path."""
+    from conftest import torchrun
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), "-m", "sarkit", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
-    return proc
+    return torchrun(*args, env={"TMPDIR": str(tmp_path)})
 
 
 def test_screening_sharded_over_two_ranks_equals_one_process(base, tmp_path, cli_in_process):
