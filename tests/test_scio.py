@@ -199,7 +199,7 @@ def test_scio_resumes_an_interrupted_screening(base, refined_run, cli):
     assert resumed.stdout == proc.stdout
 
 
-def test_scio_ablation_on_a_finished_run(base, refined_run, cli):
+def test_scio_ablation_on_a_finished_run(base, refined_run, cli, tmp_path):
     run, _ = refined_run
     proc = cli(*scio_args(base, run), "--ablation", "--heldout", base / "heldout.jsonl", check=0)
     assert "scio: stage" not in proc.stderr  # every SCIO stage was done: none redone
@@ -215,6 +215,34 @@ def test_scio_ablation_on_a_finished_run(base, refined_run, cli):
             run / "stages" / "02-train-r1", run / "ablation" / "b-train-2",
             run / "stages" / "04-train-r1b"]  # fmt: skip
     assert len({len(read_csv(p)) for p in arms}) == 1
+    # Table 8's VQA column: each arm fine-tuned alike on a built VQA file (MSTAR class
+    # folders), scored on its test split; the arms are not retrained, nor on a rerun the VQA runs
+    src = tmp_path / "chips"
+    for k in range(3):
+        (src / str(k)).mkdir(parents=True)
+        for chip in sorted((shared("mstar") / "train" / str(k)).iterdir())[:3]:
+            (src / str(k) / chip.name).symlink_to(chip)
+    cli("finetune", "build", "--from", src, "--classes", "0=2S1,1=BMP2,2=BRDM2",
+        "--test-fraction", "0.34", "-o", tmp_path / "sft", check=0)  # fmt: skip
+    vqa = tmp_path / "sft" / "vqa.jsonl"
+    args = [*scio_args(base, run), "--ablation", "--heldout", base / "heldout.jsonl",
+            "--ablation-vqa", vqa, "--ablation-vqa-epochs", "1"]  # fmt: skip
+    proc = cli(*args, check=0)
+    assert "scio ablation: a-train-1" not in proc.stderr
+    table = json.loads((run / "ablation.json").read_text())
+    folders = sorted((run / "ablation").glob("vqa-*"))
+    assert [f.name for f in folders] == ["vqa-scio-off", "vqa-screen-filter",
+                                         "vqa-screen-filter-reconstruct"]  # fmt: skip
+    assert len({len(read_csv(f)) for f in folders}) == 1  # the same VQA steps for each arm
+    for arm in table["arms"]:
+        m = arm["vqa"]
+        assert 0.0 <= m["acc_overall"] <= 1.0 and m["questions"] > 0
+        assert f"| {m['acc_overall']:.3f} |" in (run / "ablation.md").read_text()
+    assert "not measured" not in (run / "ablation.md").read_text()
+    assert "VQA: overall accuracy on the test split" in proc.stderr
+    again = cli(*args, check=0)
+    assert "vqa: acc_overall last" not in again.stderr  # the arms' VQA runs: not redone
+    assert json.loads((run / "ablation.json").read_text()) == table
 
 
 def read_csv(folder) -> list[dict]:
@@ -253,6 +281,7 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
         (["-o", "-"], 2, "-o -: give the run folder with --run-dir"),
         (["--ablation"], 2, "--ablation needs --heldout"),
         (["--heldout", "x"], 2, "--heldout goes with --ablation"),
+        (["--ablation-vqa", "x"], 2, "--ablation-vqa goes with --ablation"),
         (["-o", "o", "--run-dir", "r"], 2, "--run-dir goes with -o - only"),
         (["--screen-only", "--ablation", "--heldout", "x"], 2, "exclude each other"),
         (["--field-cap", "1.5"], 2, "0<=x<=1"),

@@ -72,6 +72,18 @@ def command(
         help="Table 8 rows (no SCIO / screen+filter / +reconstruct) on --heldout.",
     ),
     heldout: Path = typer.Option(None, "--heldout", help="Clean held-out records for --ablation."),
+    ablation_vqa: Path = typer.Option(
+        None,
+        "--ablation-vqa",
+        help="With --ablation: a VQA file of `finetune build`; each arm is fine-tuned on its "
+        "train split and scored on its test split (Table 8's VQA column).",
+    ),
+    ablation_vqa_epochs: int = typer.Option(
+        3, "--ablation-vqa-epochs", min=1, help="VQA fine-tuning epochs of each arm."
+    ),
+    ablation_vqa_lr: float = typer.Option(
+        1e-4, "--ablation-vqa-lr", parser=POSITIVE, help="VQA fine-tuning peak lr of each arm."
+    ),
     vision: str = typer.Option("vit_base_patch16_224", "--vision", help="From scratch: timm ViT."),
     text: str = typer.Option(None, "--text", help="From scratch: BERT name or folder."),
     text_layers: int = typer.Option(None, "--text-layers", help="Keep only the first N layers."),
@@ -114,6 +126,8 @@ def command(
         raise UsageError("--heldout goes with --ablation")
     if screen_only and ablation:
         raise UsageError("--screen-only and --ablation exclude each other")
+    if ablation_vqa is not None and not ablation:
+        raise UsageError("--ablation-vqa goes with --ablation")
     check_output_folder(folder)
     options = ScioOptions(
         output=folder,
@@ -131,6 +145,9 @@ def command(
         screen_only=screen_only,
         ablation=ablation,
         heldout_path=str(heldout) if heldout else None,
+        ablation_vqa=str(ablation_vqa) if ablation_vqa else None,
+        ablation_vqa_epochs=ablation_vqa_epochs,
+        ablation_vqa_lr=ablation_vqa_lr,
         vision=vision,
         text=text,
         text_layers=text_layers,
@@ -157,8 +174,9 @@ def command(
     )
     check_deepspeed(deepspeed)
     data = load_all(records, required=("id", "path"))
-    if heldout is not None and not heldout.is_file():
-        raise SarkitError(f"--heldout {heldout}: no such file")
+    for flag, path in (("--heldout", heldout), ("--ablation-vqa", ablation_vqa)):
+        if path is not None and not path.is_file():
+            raise SarkitError(f"{flag} {path}: no such file")
     with contextlib.redirect_stdout(sys.stderr):
         run = plugins.get_manager().hook.sarkit_scio(records=data, options=options)
     if run is None:

@@ -31,5 +31,8 @@ class ScioOptions(PretrainOptions):
     screen_only: bool = False
     ablation: bool = False
     heldout_path: str | None = None  # clean held-out pairs for --ablation
+    ablation_vqa: str | None = None  # a `finetune build` vqa.jsonl: the arms' VQA column
+    ablation_vqa_epochs: int = 3
+    ablation_vqa_lr: float = 1e-4
     records_out: Path | None = None  # None: <output>/refined.jsonl; "-" streams to stdout
     name: str = "scio"

@@ -175,24 +175,32 @@ def check_resume(out: Path, task: str) -> None:
 
 
 def run(head: Any, options: FinetuneOptions) -> Path:
-    """Prepare, train, summarise; returns the run folder."""
+    """Prepare, train, summarise; returns the run folder. The process group is torn down."""
     from sarkit.train.engine import teardown_distributed
+
+    try:
+        out = train_head(head, options)
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed()
+    return out
+
+
+def train_head(head: Any, options: FinetuneOptions) -> Path:
+    """`run` inside a caller's process group (scio's --ablation fine-tunes its arms so):
+    the group, if any, stays up."""
     from sarkit.train.loop import Loop
 
     out = Path(options.output)
     if options.resume:
         check_resume(out, head.name)
-    try:
-        prepared = head.prepare(options)
-        loop = Loop(prepared.task, prepared.dataset, prepared.collate, options)
-        if loop.main:
-            runfolder.write_config(out, head.name, options, prepared.config)
-            runfolder.write_split(out, prepared.split)
-        loop.fit()
-    except BaseException:
-        teardown_distributed(clean=False)
-        raise
-    teardown_distributed()
+    prepared = head.prepare(options)
+    loop = Loop(prepared.task, prepared.dataset, prepared.collate, options)
+    if loop.main:
+        runfolder.write_config(out, head.name, options, prepared.config)
+        runfolder.write_split(out, prepared.split)
+    loop.fit()
     if not loop.main:  # under torchrun rank 0 summarises the run
         return out
     results = runfolder.write_results(out, head.primary)
