@@ -1,8 +1,14 @@
-"""Everything a human reads goes to stderr; stdout carries records only."""
+"""Everything a human reads goes to stderr; stdout carries records only.
+
+Under torchrun only rank 0 prints status lines and progress bars (every rank would print the
+same ones); warnings and errors come from every rank, marked with it, since a rank's share of
+the data can hold a bad item the others never see.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,7 +51,23 @@ def is_debug() -> bool:
     return _state["debug"]
 
 
+def _rank() -> int:
+    """The launcher's rank (torchrun's RANK; 0 when not launched so): read at each call, as
+    a process may learn it after this module is imported."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _mark(message: str) -> str:
+    rank = _rank()
+    return f"(rank {rank}) {message}" if rank else message
+
+
 def info(message: str) -> None:
+    if _rank() and not _state["debug"]:
+        return
     _console().print(message, markup=False, soft_wrap=True)  # a path is never cut
 
 
@@ -58,11 +80,13 @@ def error(message: str) -> None:
     """Errors are printed even under --quiet: a user must learn what was skipped."""
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(
+        f"[red]error:[/red] {_mark(message)}", soft_wrap=True
+    )
 
 
 def warn(message: str) -> None:
-    _console().print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    _console().print(f"[yellow]warning:[/yellow] {_mark(message)}", soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -84,7 +108,7 @@ def progress(description: str, total: int | None = None) -> Iterator[callable]:
         TextColumn("{task.fields[status]}"),
         console=_console(),
         transient=True,
-        disable=_state["quiet"],
+        disable=_state["quiet"] or bool(_rank()),
     )
     with bar:
         task = bar.add_task(description, total=total, status="")

@@ -200,8 +200,9 @@ def test_retrieval_under_torchrun_two_ranks(sft, capsys, tmp_path):
               "--max-tokens", "35", "--lr", "1e-4"]  # fmt: skip
     run(capsys, *common, "--batch-size", "8", "-o", tmp_path / "one")
     two = tmp_path / "two"
-    torchrun(*common, "--batch-size", "4", "-o", two,
-             env={"TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    proc = torchrun(*common, "--batch-size", "4", "-o", two,
+                    env={"TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert proc.stderr.count("fine-tuned retrieval ->") == 1  # status lines from rank 0 only
 
     rows2, rows1 = _csv(two / "metrics.csv"), _csv(tmp_path / "one" / "metrics.csv")
     assert [r["step"] for r in rows2] == ["1", "2"]
