@@ -147,8 +147,11 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
                   f"arm fine-tuned {how} (last epoch's weights, generated answers)."]  # fmt: skip
     else:
         lines += ["", "VQA accuracy: not measured (give --ablation-vqa VQA.jsonl)."]
-    write_text(out / "ablation.md", "\n".join(lines) + "\n")
-    write_text(out / "ablation.json", json.dumps(result, indent=2))
+    from sarkit.train.engine import launch_rank
+
+    if launch_rank() == 0:  # under torchrun the VQA scores are rank 0's: it alone writes
+        write_text(out / "ablation.md", "\n".join(lines) + "\n")
+        write_text(out / "ablation.json", json.dumps(result, indent=2))
     for line in lines:
         log.info(line)
     return result
