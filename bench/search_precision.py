@@ -1,7 +1,7 @@
 """Precision@10 of `sarkit search` for class-name queries on labelled records (MSTAR).
 
     .venv/bin/python bench/search_precision.py val.jsonl --work W --run pre [--run scio]
-        [--random vit_tiny_patch16_224,32,1,256] [--rerank 50]
+        [--random vit_tiny_patch16_224,32,1,256] [--rerank 50] [--queries queries.json]
 
 Each run embeds RECORDS (``id``, ``path``, ``label`` = MSTAR folder index) into
 W/<run name>.index through the real `embed`, then `search` asks one query per class,
@@ -56,9 +56,21 @@ def random_run(folder: Path, spec: str, records: Path) -> Path:
     return folder
 
 
-def main() -> None:
-    from test_pretrain_data import MSTAR_CLASSES
+def load_queries(path: Path | None) -> list[tuple[object, str]]:
+    """(label, text) per query: the file's, else one "<designation> <kind>" per MSTAR class."""
+    if path is None:
+        from test_pretrain_data import MSTAR_CLASSES
 
+        return [(i, f"{name} {kind}") for i, (name, kind, _) in enumerate(MSTAR_CLASSES)]
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"text", "label"} <= set(e) for e in entries
+    ):
+        raise SystemExit(f'--queries {path}: expected a JSON list of {{"text": .., "label": ..}}')
+    return [(e["label"], str(e["text"])) for e in entries]
+
+
+def main() -> None:
     from sarkit import log
     from sarkit.report import Report
     from sarkit.search.embed import EmbedOptions, embed
@@ -71,6 +83,7 @@ def main() -> None:
     ap.add_argument("--random", default=None)
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--queries", type=Path, default=None, help="JSON [{text, label}, ...]")
     args = ap.parse_args()
     log.configure(quiet=True)
     runs = list(args.run)
@@ -80,7 +93,7 @@ def main() -> None:
         json.loads(line)["label"] for line in args.records.read_text().splitlines() if line
     )
     total = sum(labels.values())
-    queries = [(i, f"{name} {kind}") for i, (name, kind, _) in enumerate(MSTAR_CLASSES)]
+    queries = load_queries(args.queries)
     table: dict[str, list[float]] = {}
     for run in runs:
         index = args.work / f"{run.name}.index"
@@ -99,7 +112,7 @@ def main() -> None:
         cells = " | ".join(f"{table[n][q]:.1f}" for n in names)
         print(f"| {text} | {labels[label] / total:.3f} | {cells} |")
     means = " | ".join(f"**{sum(table[n]) / len(queries):.3f}**" for n in names)
-    chance = sum(labels[i] / total for i, _ in queries) / len(queries)
+    chance = sum(labels[label] / total for label, _ in queries) / len(queries)
     print(f"| mean | {chance:.3f} | {means} |")
 
 
