@@ -142,6 +142,17 @@ def test_index_masks_give_landform_questions(tmp_path):
     assert region["What is the main landform in the center region?"] == "water"
     cap = lines(tmp_path / "o" / "caption.jsonl")[0]["captions"][0]
     assert "water" in cap and "urban" in cap
+    # fewer questions than regions: those whose cover is not the main landform come first
+    for seed in range(5):
+        build(ann, BuildOptions(tmp_path / "m", tmp_path / f"o{seed}", region_questions=2,
+                                seed=seed))  # fmt: skip
+        asked = [r for r in lines(tmp_path / f"o{seed}" / "vqa.jsonl")
+                 if r["type"] == "region_landform"]  # fmt: skip
+        assert len(asked) == 2 and {r["answer"] for r in asked} == {"urban"}
+    build(ann, BuildOptions(tmp_path / "m", tmp_path / "o5", region_questions=4))
+    asked = [r["answer"] for r in lines(tmp_path / "o5" / "vqa.jsonl")
+             if r["type"] == "region_landform"]  # fmt: skip
+    assert sorted(asked) == ["urban", "urban", "urban", "water"]  # then the main landform's
 
 
 def test_colour_mask_objects_are_connected_components(tmp_path):

@@ -210,7 +210,13 @@ def questions(
             size = img.width * img.height / 9
             if cell_shares and labelled >= 0.5 * size:
                 cells.append((r, cell_shares[0][0]))
-        for r, name in sorted(rng.sample(cells, min(region_questions, len(cells)))):
+        # regions whose cover differs from the image's main landform are asked first: where a
+        # region's answer is the main landform, the question can be answered without the region
+        other = [c for c in cells if c[1] != shares[0][0]]
+        same = [c for c in cells if c[1] == shares[0][0]]
+        picked = rng.sample(other, min(region_questions, len(other)))
+        picked += rng.sample(same, min(region_questions - len(picked), len(same)))
+        for r, name in sorted(picked):
             out.append(
                 Question(
                     "region_landform",
