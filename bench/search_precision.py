@@ -106,10 +106,11 @@ def main() -> None:
                 table[col].append(sum(h["label"] == label for h in hits) / args.k)
             print(f"{col}: mean p@{args.k} {sum(table[col]) / len(queries):.3f}", file=sys.stderr)
     names = list(table)
+    digits = len(str(args.k)) - 1  # p@10 in tenths, p@100 in hundredths: every hit shows
     print(f"| query | random ranking | {' | '.join(names)} |")
     print("|---|---:|" + "---:|" * len(names))
     for q, (label, text) in enumerate(queries):
-        cells = " | ".join(f"{table[n][q]:.1f}" for n in names)
+        cells = " | ".join(f"{table[n][q]:.{digits}f}" for n in names)
         print(f"| {text} | {labels[label] / total:.3f} | {cells} |")
     means = " | ".join(f"**{sum(table[n]) / len(queries):.3f}**" for n in names)
     chance = sum(labels[label] / total for label, _ in queries) / len(queries)
