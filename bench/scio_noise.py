@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--rewrite", action="store_true")
     ap.add_argument("--rewrite-steps", type=int, default=100)
     ap.add_argument("--itc-margin", type=float, default=0.0)
-    ap.add_argument("--itm-margin", type=float, default=0.0)
+    ap.add_argument("--itm-margin", type=float, default=0.01)
+    ap.add_argument("--itc-alone-margin", default="0.1")
     ap.add_argument("--field-cap", type=float, default=0.3)
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
@@ -125,21 +126,32 @@ def main() -> None:
     ditc = [(-v[0], key in bad_k) for key, v in flat_scores(scores).items()]
     ditm = [(v[1], key in bad_k) for key, v in flat_scores(scores).items()]
     print(f"AUC corrupted vs clean: -dITC {auc(ditc):.3f}, dITM {auc(ditm):.3f}")
-    print("| ITC margin | ITM margin | cap | flagged | precision | recall |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| ITC margin | ITM margin | ITC alone | cap | flagged | precision | recall |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(mi: float, mm: float, cap: float, alone: float | None = None) -> None:
+        pool = decide(scores, mi, mm, cap, alone)
+        flagged = {(k, f) for k, names in pool.items() for f in names}
+        p, r = precision_recall(flagged, bad_k)
+        mm_s = "off" if mm < 0 else f"{mm:g}"
+        alone_s = "off" if alone is None else f"{alone:g}"
+        print(f"| {mi:g} | {mm_s} | {alone_s} | {cap:g} | {len(flagged)} | {p:.3f} | {r:.3f} |")
+
     for cap in (1.0, 0.5, 0.3, 0.2):
         for mi in (0.0, 0.02, 0.05, 0.1, 0.2):
             for mm in (-1.0, 0.0, 0.01):  # -1: no ITM confirmation (dITM > -1 always)
-                pool = decide(scores, mi, mm, cap)
-                flagged = {(k, f) for k, names in pool.items() for f in names}
-                p, r = precision_recall(flagged, bad_k)
-                mm_s = "off" if mm < 0 else f"{mm:g}"
-                print(f"| {mi:g} | {mm_s} | {cap:g} | {len(flagged)} | {p:.3f} | {r:.3f} |")
+                row(mi, mm, cap)
+    # either arm: the ITM-confirmed candidates, or a strong dITC alone (the defaults' rule)
+    for cap in (1.0, 0.3):
+        for mi, mm in ((0.0, 0.01), (0.0, 0.02), (0.05, 0.01)):
+            for alone in (0.05, 0.1, 0.15, 0.2):
+                row(mi, mm, cap, alone)
     if not a.rewrite:
         return
     sarkit("scio", path, "--init", work / "base", "-o", work / "scio", *model,
            "--max-steps", a.rewrite_steps, "--itc-margin", a.itc_margin,
-           "--itm-margin", a.itm_margin, "--field-cap", a.field_cap, "--screen-batch", 32,
+           "--itm-margin", a.itm_margin, "--itc-alone-margin", a.itc_alone_margin,
+           "--field-cap", a.field_cap, "--screen-batch", 32,
            "--save-every", 0)  # fmt: skip
     refined = [json.loads(x) for x in (work / "scio" / "refined.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in recs}

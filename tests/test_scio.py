@@ -92,6 +92,11 @@ def test_decide_margins_cap_and_one_segment_kept():
     assert decide(scores, 0.0, 0.15, 1.0) == {9: {"B"}}
     # cap 0.2 of 10 A segments: the 2 strongest dITC (records 3, 2)
     assert decide(scores, 0.0, 0.0, 0.2) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
+    # the ITC-alone arm: record 9's A (dITC -1.0, dITM -0.1) is noise by its dITC alone
+    # (B is confirmed too, dITM 0.2 > 0.15, and stays as the less suspect of its two)
+    assert decide(scores, 0.0, 0.15, 1.0, itc_alone=0.5) == {9: {"A"}}
+    assert decide(scores, 0.0, 0.0, 1.0, itc_alone=0.35) == {
+        0: {"A"}, 1: {"A"}, 2: {"A"}, 3: {"A"}, 9: {"A"}}  # fmt: skip
     # every segment of a text flagged: the least suspect stays
     both = {0: {"A": [-0.3, 0.1], "B": [-0.1, 0.1]}}
     assert decide(both, 0.0, 0.0, 1.0) == {0: {"A"}}
@@ -258,7 +263,7 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
                "--text-lr-scale", "0.5", "--momentum", "0.9", "--grad-accum", "1",
                "--center-crop", "0.7", "--no-augment", "--save-every", "0", "--seed", "1",
                "--precision", "fp32", "--screen-batch", "5", "--max-new-tokens", "5",
-               "--rounds", "2", "--itm-segment-negatives", "0.5",
+               "--rounds", "2", "--itm-segment-negatives", "0.5", "--itc-alone-margin", "off",
                "--cross-attention-lr-scale", "1", check=0)  # fmt: skip
     screened = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(screened) == 12 and screened == read(tmp_path / "s" / "screened.jsonl")
@@ -286,6 +291,7 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
         (["--screen-only", "--ablation", "--heldout", "x"], 2, "exclude each other"),
         (["--field-cap", "1.5"], 2, "0<=x<=1"),
         (["--itc-margin", "nan"], 2, "x>=0"),
+        (["--itc-alone-margin", "-1"], 2, "--itc-alone-margin: -1 is not in the range x>=0"),
         (["--precision", "fp8"], 2, "use fp32, bf16 or fp16"),
     ],
 )

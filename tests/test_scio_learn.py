@@ -59,9 +59,11 @@ def precision_recall(flagged: set, bad: set) -> tuple[float, float]:
 
 
 def test_screening_finds_the_corruptions(tmp_path, cli):
-    """300 chips, 480 of 2,400 segments corrupted, 160 steps of 32. Measured: 18 min wall,
-    13.7 CPU-min, peak RSS 2.8 GB (load average 10-11 on the shared 2 cores); noise pool
-    224, precision 0.768, recall 0.358. `make test-all` only."""
+    """300 chips, 480 of 2,400 segments corrupted, 160 steps of 32. Measured (2026-12-02, the
+    ITM head on the fused text tokens, the defaults then: ITC margin 0.1, ITM 0): 30 min wall
+    at load 5-9, 12.4 CPU-min; noise pool 184, precision 0.761, recall 0.292. At today's
+    defaults (ITC 0 and ITM 0.01, or ITC 0.1 alone) bench/scio_noise.py's screening of the
+    same judge gives 286, 0.766, 0.456. `make test-all` only."""
     recs = mstar_records(shared("mstar"), "train", PER_CLASS, seed=0)
     bad = corrupt(recs, RATE, seed=0)
     noisy = write_jsonl(tmp_path / "noisy.jsonl", recs)

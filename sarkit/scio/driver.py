@@ -170,7 +170,8 @@ def screen_stage(
     )  # fmt: skip
     shares = _every_ranks(share, world)
     scores, bad = merge_shares(shares, judge.pool, options.screen_batch, str(folder))
-    flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap)
+    flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap,
+                     options.itc_alone_margin)  # fmt: skip
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
         rec = out[i]

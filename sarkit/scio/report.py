@@ -83,8 +83,13 @@ def write(
     lines = table_text(table, decisions)
     md = ["# SCIO noise report", ""]
     md.append(
-        f"margins: dITC < -{options.itc_margin:g}, dITM > {options.itm_margin:g}; "
-        f"per-field cap {options.field_cap:g}; rounds {options.rounds}"
+        f"noise: dITC < -{options.itc_margin:g} and dITM > {options.itm_margin:g}"
+        + (
+            f", or dITC < -{options.itc_alone_margin:g} alone; "
+            if options.itc_alone_margin is not None
+            else "; "
+        )
+        + f"per-field cap {options.field_cap:g}; rounds {options.rounds}"
         + (" (screening only)" if options.screen_only else "")
     )
     md += ["", "## Segments per field and decision", "", "```", *lines, "```", ""]

@@ -316,15 +316,21 @@ def decide(
     itc_margin: float,
     itm_margin: float,
     field_cap: float,
+    itc_alone: float | None = None,
 ) -> dict[int, set[str]]:
     """The noise pool: {pool index: flagged fields}, margins applied, then the per-field cap
-    (the strongest dITC first), and at least one segment of every text kept."""
+    (the strongest dITC first), and at least one segment of every text kept.
+
+    A segment is noise when dITC < -itc_margin and dITM > itm_margin (the paper's candidate
+    and its ITM confirmation), or, with ``itc_alone``, when dITC < -itc_alone by itself: on
+    MSTAR the two arms find different corruptions (docs/results.md, SCIO)."""
     by_field: dict[str, list[tuple[float, int]]] = {}
     present: dict[str, int] = {}
     for i, per in scores.items():
         for name, (ditc, ditm) in per.items():
             present[name] = present.get(name, 0) + 1
-            if ditc < -itc_margin and ditm > itm_margin:
+            confirmed = ditc < -itc_margin and ditm > itm_margin
+            if confirmed or (itc_alone is not None and ditc < -itc_alone):
                 by_field.setdefault(name, []).append((ditc, i))
     flagged: dict[int, set[str]] = {}
     for name, items in by_field.items():
