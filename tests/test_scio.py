@@ -241,8 +241,8 @@ def test_scio_ablation_on_a_finished_run(base, refined_run, cli, tmp_path):
     assert len({len(read_csv(f)) for f in folders}) == 1  # the same VQA steps for each arm
     for arm in table["arms"]:
         m = arm["vqa"]
-        assert 0.0 <= m["acc_overall"] <= 1.0 and m["questions"] > 0
-        assert f"| {m['acc_overall']:.3f} |" in (run / "ablation.md").read_text()
+        assert 0.0 <= m["acc_overall"] <= 100.0 and m["questions"] > 0
+        assert f"| {m['acc_overall']:.1f} % |" in (run / "ablation.md").read_text()
     assert "not measured" not in (run / "ablation.md").read_text()
     assert "VQA: overall accuracy on the test split" in proc.stderr
     again = cli(*args, check=0)

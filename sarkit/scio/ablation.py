@@ -137,7 +137,7 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
         cell = "not measured"
         if name in vqa:
             arm["vqa"] = vqa[name]
-            cell = f"{vqa[name].get('acc_overall', float('nan')):.3f}"
+            cell = f"{vqa[name].get('acc_overall', float('nan')):.1f} %"  # vqa_metrics: percent
         result["arms"].append(arm)
         lines.append(f"| {name} | {'yes' if sf else 'no'} | {'yes' if rec else 'no'} | "
                      f"{r['i2t_r1']:.3f} | {r['t2i_r1']:.3f} | {cell} |")  # fmt: skip
