@@ -8,9 +8,10 @@ the data can hold a bad item the others never see.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from sarkit.launch import launch_rank as _rank  # read at each call: RANK may come late
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -49,15 +50,6 @@ def configure(quiet: bool = False, debug: bool = False) -> None:
 
 def is_debug() -> bool:
     return _state["debug"]
-
-
-def _rank() -> int:
-    """The launcher's rank (torchrun's RANK; 0 when not launched so): read at each call, as
-    a process may learn it after this module is imported."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def _mark(message: str) -> str:

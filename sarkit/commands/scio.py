@@ -198,7 +198,7 @@ def command(
         raise UsageError("no plugin implements scio")
     result = Path(run) / ("screened.jsonl" if screen_only else "refined.jsonl")
     if screen_only or to_stdout:
-        from sarkit.train.engine import launch_rank  # torch is loaded by now
+        from sarkit.launch import launch_rank
 
         # under torchrun rank 0 alone writes the stream (the others' file may be a rerun's old one)
         if result.exists() and launch_rank() == 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 from sarkit import log
 from sarkit.atomic import write_text
 from sarkit.errors import SarkitError
+from sarkit.launch import launch_rank
 from sarkit.scio.options import ScioOptions
 from sarkit.scio.records import problem
 
@@ -47,23 +48,19 @@ def vqa_accuracy(arm: Path, folder: Path, options: ScioOptions) -> dict[str, flo
     from sarkit.tasks.finetune import evaluate, train_head
     from sarkit.tasks.options import EvalOptions, FinetuneOptions
     from sarkit.tasks.vl.heads import VQAHead
-    from sarkit.train.engine import barrier, launch_rank
+    from sarkit.train.engine import barrier
 
     head = VQAHead()
     if not (folder / "results.json").exists():
         started = (folder / "checkpoints" / "latest").exists()
-        fields = {
-            k: v for k, v in head.defaults.items() if k in FinetuneOptions.__dataclass_fields__
-        }
-        fields.update(
-            epochs=options.ablation_vqa_epochs, lr=options.ablation_vqa_lr, output=folder,
-            task=head.name, name=head.name, data=options.ablation_vqa, init=str(arm),
-            batch_size=options.batch_size, grad_accum=options.grad_accum,
-            precision=options.precision, deepspeed=options.deepspeed, workers=options.workers,
-            seed=options.seed, save_every=options.save_every, log_every=options.log_every,
+        tune = FinetuneOptions.for_head(
+            head, epochs=options.ablation_vqa_epochs, lr=options.ablation_vqa_lr, output=folder,
+            data=options.ablation_vqa, init=str(arm), batch_size=options.batch_size,
+            grad_accum=options.grad_accum, precision=options.precision,
+            deepspeed=options.deepspeed, workers=options.workers, seed=options.seed,
+            save_every=options.save_every, log_every=options.log_every,
             resume="latest" if started else None,
         )  # fmt: skip
-        tune = FinetuneOptions(**fields)
         train_head(head, tune)
     metrics: dict[str, float] = {}
     if launch_rank() == 0:
@@ -147,8 +144,6 @@ def run_ablation(records: list[dict], options: ScioOptions) -> dict:
                   f"arm fine-tuned {how} (last epoch's weights, generated answers)."]  # fmt: skip
     else:
         lines += ["", "VQA accuracy: not measured (give --ablation-vqa VQA.jsonl)."]
-    from sarkit.train.engine import launch_rank
-
     if launch_rank() == 0:  # under torchrun the VQA scores are rank 0's: it alone writes
         write_text(out / "ablation.md", "\n".join(lines) + "\n")
         write_text(out / "ablation.json", json.dumps(result, indent=2))

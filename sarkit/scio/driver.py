@@ -31,9 +31,9 @@ from typing import Any
 from sarkit import log
 from sarkit.atomic import write_text
 from sarkit.errors import SarkitError
+from sarkit.launch import launch_rank
 from sarkit.scio.options import ScioOptions
 from sarkit.scio.records import Skipped, problem
-from sarkit.train.engine import launch_rank
 
 
 def plan(options: ScioOptions) -> list[tuple[str, str, int]]:

@@ -104,7 +104,7 @@ def finish_stage(folder: Path, keep_checkpoints: bool) -> None:
     import shutil
 
     from sarkit.atomic import write_text
-    from sarkit.train.engine import launch_rank
+    from sarkit.launch import launch_rank
 
     write_text(folder / "DONE", "done\n")
     if not keep_checkpoints and launch_rank() == 0:

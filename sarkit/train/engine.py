@@ -99,12 +99,6 @@ def teardown_distributed(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def launch_rank() -> int:
-    """This process's rank as torchrun (or the DeepSpeed launcher) set it: 0 when not
-    launched so. Readable before the process group is joined, and after it is torn down."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def barrier() -> None:
     import torch.distributed as dist
 
