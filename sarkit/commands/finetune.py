@@ -28,10 +28,7 @@ def _finetune(head, values: dict) -> None:
     check_output_folder(output)
     check_new_run(output, common.get("resume"))
     check_deepspeed(common.get("deepspeed"))
-    defaults = dict(getattr(head, "defaults", {}) or {})
-    fields = {k: v for k, v in defaults.items() if k in FinetuneOptions.__dataclass_fields__}
-    fields.update({k: v for k, v in common.items() if v is not None})
-    options = FinetuneOptions(output=output, task=head.name, extra=extra, name=head.name, **fields)
+    options = FinetuneOptions.for_head(head, output=output, extra=extra, **common)
     with contextlib.redirect_stdout(sys.stderr):
         run = plugins.get_manager().hook.sarkit_finetune(task=head.name, options=options)
     if run is None:

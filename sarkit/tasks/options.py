@@ -27,6 +27,15 @@ class FinetuneOptions(LoopOptions):
     name: str = "finetune"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_head(cls, head: Any, **given: Any) -> FinetuneOptions:
+        """A head's run: its defaults (the paper's Table 3/5 settings) under the values
+        given (None: not given, the default stands)."""
+        defaults = dict(getattr(head, "defaults", {}) or {})
+        fields = {k: v for k, v in defaults.items() if k in cls.__dataclass_fields__}
+        fields.update({k: v for k, v in given.items() if v is not None})
+        return cls(task=head.name, name=head.name, **fields)
+
 
 @dataclass
 class EvalOptions:
