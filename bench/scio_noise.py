@@ -13,6 +13,7 @@ Records: MSTAR SOC train chips with texts built from their class (tests/test_pre
 
     python bench/scio_noise.py --per-class 40 --steps 300 [--rewrite]
     python bench/scio_noise.py --per-class 30 --steps 160 --decoder-loss mlm   # screening only
+    python bench/scio_noise.py --per-class 30 --steps 160 --decoder-loss mlm --cross-fit 2
 """
 
 from __future__ import annotations
@@ -96,31 +97,55 @@ def main() -> None:
     ap.add_argument("--itm-margin", type=float, default=0.01)
     ap.add_argument("--itc-alone-margin", default="0.1")
     ap.add_argument("--field-cap", type=float, default=0.3)
+    ap.add_argument(
+        "--cross-fit",
+        type=int,
+        default=1,
+        help="K folds: each fold screened by a judge trained on the others (each judge "
+        "--steps steps); 1 = one judge trained on all records and screening them",
+    )
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
+    if a.rewrite and a.cross_fit > 1:
+        sys.exit("--rewrite runs one scio round from one judge: not with --cross-fit")
     work = a.work or Path(tempfile.mkdtemp(prefix="scio-noise-"))
     work.mkdir(parents=True, exist_ok=True)
     recs = mstar_records(SHARED / "mstar", "train", a.per_class, seed=a.seed)
     bad = corrupt(recs, a.rate, seed=a.seed)
     path = write_jsonl(work / "noisy.jsonl", recs)
-    t0 = time.perf_counter()
     model = list(MODEL)
     model[model.index("--image-size") + 1] = str(a.image_size)
-    reused = (work / "base" / "model.safetensors").exists()
-    if not reused:
-        sarkit("pretrain", path, "-o", work / "base", *model, "--decoder-loss", a.decoder_loss,
-               "--max-steps", a.steps, "--epochs", 1000, "--save-every", 0)  # fmt: skip
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    proc = sarkit("scio", path, "--init", work / "base", "-o", work / "screen", "--screen-only",
-                  "--field-cap", 1, "--screen-batch", 32)  # fmt: skip
-    t_screen = time.perf_counter() - t0
-    screened = [json.loads(line) for line in proc.stdout.splitlines() if line]
+    k = max(1, a.cross_fit)
+    # fold f's records are screened by a judge trained on the other folds (k = 1: on all)
+    folds = [[r for i, r in enumerate(recs) if k == 1 or i % k != f] for f in range(k)]
+    held = [[r for i, r in enumerate(recs) if k == 1 or i % k == f] for f in range(k)]
+    t_train = t_screen = 0.0
+    screened, reused = [], True
+    for f in range(k):
+        name = "" if k == 1 else f"-fold{f}"
+        train_path = path if k == 1 else write_jsonl(work / f"train{name}.jsonl", folds[f])
+        held_path = path if k == 1 else write_jsonl(work / f"held{name}.jsonl", held[f])
+        base = work / f"base{name}"
+        t0 = time.perf_counter()
+        if not (base / "model.safetensors").exists():
+            reused = False
+            sarkit("pretrain", train_path, "-o", base, *model, "--decoder-loss", a.decoder_loss,
+                   "--max-steps", a.steps, "--epochs", 1000, "--save-every", 0)  # fmt: skip
+        t_train += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        proc = sarkit("scio", held_path, "--init", base, "-o", work / f"screen{name}",
+                      "--screen-only", "--field-cap", 1, "--screen-batch", 32)  # fmt: skip
+        t_screen += time.perf_counter() - t0
+        screened += [json.loads(line) for line in proc.stdout.splitlines() if line]
+    order = {r["id"]: i for i, r in enumerate(recs)}
+    screened.sort(key=lambda r: order[r["id"]])
     index = {r["id"]: k for k, r in enumerate(screened)}
     scores = {k: {f: [s["ditc"], s["ditm"]] for f, s in (r.get("scio") or {}).items()}
               for k, r in enumerate(screened)}  # fmt: skip
     bad_k = {(index[i], f) for i, f in bad}
     trained = "pretrained run reused from --work" if reused else f"pretrain {a.steps} steps"
+    if k > 1:
+        trained += f" per judge, {k} cross-fitted judges"
     print(f"{len(recs)} records, {len(bad)} of {8 * len(recs)} segments corrupted; "
           f"{trained} {t_train:.0f} s, screening {t_screen:.0f} s")  # fmt: skip
     ditc = [(-v[0], key in bad_k) for key, v in flat_scores(scores).items()]
