@@ -143,6 +143,38 @@ def test_records_and_dataset(tmp_path):
     assert list(s0) == s0.indices()[4:]
 
 
+def test_persistent_workers_see_each_epochs_augmentation(tmp_path):
+    """The loop's workers live for the whole run: the epoch that seeds the augmentation
+    reaches them through the sampler's (epoch, index) keys, so two workers kept across
+    epochs load exactly the views one process does, and a new epoch new views."""
+    import torch
+    from PIL import Image
+
+    from sarkit.train.data import Augment, EpochKeyed, EpochSampler, TileDataset
+
+    rng = np.random.default_rng(0)
+    records = []
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "path": str(tmp_path / f"{k}.png")})
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        sampler = EpochSampler(len(records), 1, keyed=True)
+        loader = torch.utils.data.DataLoader(
+            EpochKeyed(TileDataset(records, 32, augment=Augment(), seed=2)),
+            batch_size=3, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+        )  # fmt: skip
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            out.append(torch.cat([images for images, _ in loader]))
+        return out
+
+    one, two = epochs(0), epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert not torch.equal(one[0], one[1])
+
+
 def test_read_gray_geotiff_and_png(tmp_path):
     import rasterio
     from PIL import Image

@@ -249,8 +249,17 @@ class EpochSampler(torch.utils.data.Sampler):
     already seen when a run resumes mid-epoch, without loading them.
     """
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        keyed: bool = False,
+    ):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.keyed = keyed  # yield (epoch, index) keys for an EpochKeyed dataset
         self.epoch = 0
         self.start = 0
         self.per_rank = math.ceil(n / world)
@@ -269,7 +278,39 @@ class EpochSampler(torch.utils.data.Sampler):
         return order[self.rank : total : self.world]
 
     def __iter__(self):
-        return iter(self.indices()[self.start :])
+        rest = self.indices()[self.start :]
+        return iter([(self.epoch, i) for i in rest] if self.keyed else rest)
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+class EpochKeyed(torch.utils.data.Dataset):
+    """A dataset read by (epoch, index) keys, so DataLoader workers can be persistent.
+
+    A persistent worker keeps its own copy of the dataset from the first epoch on, so an
+    epoch set on the main process's copy never reaches it; augmentation is seeded by the
+    epoch, so the key carries it instead (an EpochSampler with ``keyed=True`` makes them).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
+        """A batch through the dataset's own ``__getitems__`` where it has one (the
+        pretraining loader builds whole batches), else item by item (DataLoader's way)."""
+        inner = getattr(self.dataset, "__getitems__", None)
+        if inner is None or not keys:
+            return [self[k] for k in keys]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(keys[0][0])  # a batch never spans two epochs
+        return inner([i for _, i in keys])

@@ -73,7 +73,7 @@ class Loop:
         collate: Any,
         options: LoopOptions,
     ):
-        from sarkit.train.data import EpochSampler
+        from sarkit.train.data import EpochKeyed, EpochSampler
         from sarkit.train.engine import make_engine, setup_distributed
 
         self.task = task
@@ -87,14 +87,16 @@ class Loop:
         task.to(self.device)
         task.attach(self.engine)
         self.dataset = dataset
-        self.sampler = EpochSampler(len(dataset), o.seed, self.rank, self.world)
+        # workers live for the whole run (no start-up per epoch); the epoch that seeds
+        # augmentation reaches them in each sample's key
+        self.sampler = EpochSampler(len(dataset), o.seed, self.rank, self.world, keyed=True)
         self.loader = torch.utils.data.DataLoader(
-            dataset,
+            EpochKeyed(dataset),
             batch_size=o.batch_size,
             sampler=self.sampler,
             num_workers=o.workers,
             collate_fn=collate,
-            persistent_workers=False,
+            persistent_workers=o.workers > 0,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # keep the global RNG untouched: resumes stay exact
             drop_last=False,
@@ -328,8 +330,6 @@ class Loop:
                 tick = time.perf_counter()
                 while self.step < self.total_steps and self.epoch < o.epochs:
                     self.sampler.set_epoch(self.epoch, self.batch_in_epoch * o.batch_size)
-                    if hasattr(self.dataset, "set_epoch"):
-                        self.dataset.set_epoch(self.epoch)
                     for batch in self.loader:
                         if micro == 0:
                             lr = self.schedule.at(self.step)
@@ -383,6 +383,11 @@ class Loop:
             evals.close()
             if tb is not None:
                 tb.close()
+            # persistent workers would live as long as this Loop; scio trains several
+            shutdown = getattr(getattr(self.loader, "_iterator", None), "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+                self.loader._iterator = None
         return self.out
 
     def _log(self, values: dict, lr: float, rate: float, rows: CsvLog, tb, advance) -> None:
