@@ -279,7 +279,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rest = self.indices()[self.start :]
-        return iter([(self.epoch, i) for i in rest] if self.keyed else rest)
+        if not self.keyed:
+            return iter(rest)
+        epoch = self.epoch  # the keys' epoch is the one set when iteration began
+        return ((epoch, i) for i in rest)  # lazily: no second list of the epoch's samples
 
     def __len__(self) -> int:
         return self.per_rank - self.start
