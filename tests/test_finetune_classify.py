@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,73 @@ def test_conv_stem_depth_adds_stride_one_convolutions():
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError, match="stem_depth is >= 1"):
         timm.create_model("vitc_tiny", in_chans=1, img_size=32, stem_depth=0)
+
+
+def test_conv_stem_pool_and_kernel_keys():
+    """`stem_pool=1`: every convolution stride 1 and a 2x2 max-pool ends each stage (the same
+    token grid, an odd side rounding up as a stride-2 conv's); `stem_kernel=5`: 5x5
+    convolutions with "same" padding; an even kernel is named."""
+    import timm
+    import torch
+
+    import sarkit.model.convstem  # noqa: F401  (registers the models)
+
+    model = timm.create_model("vitc_tiny", in_chans=1, img_size=22, patch_size=4, depth=1,
+                              stem_width=4, stem_pool=1, stem_kernel=5, num_classes=3)  # fmt: skip
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.MaxPool2d)]
+    assert [(c.kernel_size[0], c.stride[0]) for c in convs] == [(5, 1), (5, 1)]
+    assert len(pools) == 2
+    assert model.patch_embed.grid_size == (6, 6)  # 22 -> 11 -> 6
+    assert model.patch_embed.stem(torch.zeros(1, 1, 22, 22)).shape[-2:] == (6, 6)
+    assert model(torch.zeros(2, 1, 22, 22)).shape == (2, 3)
+    with pytest.raises(ValueError, match="stem_kernel is odd"):
+        timm.create_model("vitc_tiny", in_chans=1, img_size=32, stem_kernel=4)
+
+
+def test_ema_weights_are_measured_saved_and_rebuilt(cli, tmp_path):
+    """`--ema`: the moving average is what each epoch measures and what best/last hold (its
+    BatchNorm statistics the live model's), eval rebuilds it from config.json with the new
+    stem keys, and a resumed run ends on the same averaged weights as an uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = mstar_folders(tmp_path / "data", train=3, val=2)
+    args = ["finetune", "classify", "--data", data, *TINY, "--vision", "vitc_tiny",
+            "--vision-args", "patch_size=4,depth=1,stem_width=4,stem_pool=1,stem_kernel=5",
+            "--epochs", "2", "--ema", "0.9", "--drop-path", "0"]  # fmt: skip
+    run = tmp_path / "run"
+    proc = cli(*args, "-o", run)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["ema"] == 0.9
+    assert config["vision"]["model_args"]["stem_pool"] == 1
+    assert len(eval_rows(run)) == 2
+    assert_eval_rebuilds(cli, run, data)  # the last evaluation measured the saved average
+    last = load_file(str(run / "last.safetensors"))
+    live = load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+    key = "backbone.patch_embed.proj.weight"
+    assert not torch.allclose(last[key], live[key])  # the average, not the live weights
+    bn = "backbone.patch_embed.stem.1.running_mean"
+    assert torch.equal(last[bn], live[bn])  # statistics copied, not averaged
+
+    # a checkpoint carries the average with every step folded in, and a resume goes on from it
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    state = load_file(str(ckpt / "task.safetensors"))
+    assert int(state["ema._updates"]) == 4  # 3 chips x 3 classes / batch 8: 2 steps x 2 epochs
+    assert torch.equal(state[f"ema.{key}"], last[key])
+    # resumed from the checkpoint at the end of epoch 1 (the run's copy without the last one):
+    # the same averaged weights at the end as the uninterrupted run's
+    proc = cli(*args, "-o", tmp_path / "every", "--save-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_file(str(tmp_path / "every" / "last.safetensors"))[key], last[key])
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "every", part)
+    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    assert int(load_file(str(part / "checkpoints" / "step-00000002" / "task.safetensors"))
+               ["ema._updates"]) == 2  # fmt: skip
+    step2 = part / "checkpoints" / "step-00000002"
+    proc = cli(*args, "-o", part, "--save-every", "2", "--resume", step2)
+    assert proc.returncode == 0, proc.stderr
+    resumed = load_file(str(part / "last.safetensors"))
+    assert all(torch.allclose(resumed[k], last[k], atol=1e-6) for k in last)

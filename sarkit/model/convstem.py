@@ -12,7 +12,11 @@ Registered names (``--vision``): ``vitc_tiny`` (width 192, 3 heads), ``vitc_smal
 = four stride-2 convolutions), ``stem_width`` the first convolution's channels (each next
 stage doubles), ``stem_depth`` the 3x3 convolutions per stage (the first of each halves the
 map; more put more of the work in convolutions, which learn fastest from few images),
-``depth`` the number of transformer blocks. Importing this module registers
+``depth`` the number of transformer blocks; ``stem_kernel`` the convolutions' side (odd, 3
+by default; A-ConvNets uses 5) and ``stem_pool=1`` makes every convolution stride 1 and
+ends each stage with a 2x2 max-pool instead (A-ConvNets style: the first stage sees the
+full resolution, and the pooling keeps the strongest scatterer of each 2x2, which SAR
+chips' sparse bright returns favour). Importing this module registers
 them (``sarkit.model.vision`` does before it builds anything).
 """
 
@@ -27,8 +31,10 @@ from torch import nn
 
 
 class ConvStem(nn.Module):
-    """Patch embedding as log2(patch_size) stride-2 3x3 conv + BN + ReLU and a 1x1 conv to
-    ``embed_dim``; the attributes timm's ViT reads from a patch embedding are kept."""
+    """Patch embedding as log2(patch_size) stages of conv + BN + ReLU, each halving the map
+    (a stride-2 first convolution, or with ``stem_pool`` a 2x2 max-pool at its end), and a
+    1x1 conv to ``embed_dim``; the attributes timm's ViT reads from a patch embedding are
+    kept."""
 
     def __init__(
         self,
@@ -38,6 +44,8 @@ class ConvStem(nn.Module):
         embed_dim: int = 192,
         stem_width: int = 24,
         stem_depth: int = 1,
+        stem_kernel: int = 3,
+        stem_pool: bool = False,
         bias: bool = True,
         **_: Any,  # timm's other patch-embedding keywords (dynamic_img_pad, ...) do not apply
     ):
@@ -48,21 +56,28 @@ class ConvStem(nn.Module):
             raise ValueError(f"a conv stem's patch_size is a power of two >= 2, not {p}")
         if stem_depth < 1:
             raise ValueError(f"a conv stem's stem_depth is >= 1, not {stem_depth}")
+        k = stem_kernel
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"a conv stem's stem_kernel is odd and >= 1, not {k}")
         layers: list[nn.Module] = []
         c = in_chans
         for i in range(n):
             w = stem_width * 2**i
-            for j in range(stem_depth):  # the stage's first convolution halves the map
-                layers += [nn.Conv2d(c, w, 3, 2 if j == 0 else 1, 1, bias=False)]
+            for j in range(stem_depth):  # without pooling the first convolution halves
+                stride = 2 if j == 0 and not stem_pool else 1
+                layers += [nn.Conv2d(c, w, k, stride, k // 2, bias=False)]
                 layers += [nn.BatchNorm2d(w), nn.ReLU(True)]
                 c = w
+            if stem_pool:  # ceil_mode: an odd side rounds up, as a stride-2 conv's does
+                layers += [nn.MaxPool2d(2, ceil_mode=True)]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c, embed_dim, 1, bias=bias)
         self.patch_size = (p, p)
         self.set_input_size(img_size)
 
     def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
-        """The token grid of an input size: each stride-2 conv (padding 1) rounds up."""
+        """The token grid of an input size: each halving (a stride-2 conv with "same"
+        padding, or a ceil-mode pool) rounds up."""
         if patch_size is not None and tuple(patch_size) != self.patch_size:
             raise ValueError("a conv stem's patch size is fixed when it is built")
         if img_size is not None:
@@ -91,6 +106,8 @@ def _vitc(embed_dim: int, heads: int, kwargs: dict) -> nn.Module:
         ConvStem,
         stem_width=int(kwargs.pop("stem_width", 24)),
         stem_depth=int(kwargs.pop("stem_depth", 1)),
+        stem_kernel=int(kwargs.pop("stem_kernel", 3)),
+        stem_pool=bool(int(kwargs.pop("stem_pool", 0))),
     )
     args = dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=heads)
     args.update(kwargs)

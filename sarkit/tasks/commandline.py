@@ -126,6 +126,12 @@ def finetune_options(head: Any) -> list[click.Option]:
             show_default=True,
             help="Held-out share of a seeded split (the data gives none).",
         ),
+        click.Option(
+            ["--ema"],
+            type=number_in(0, 1, lo_open=True, hi_open=True),
+            help="Measure and save (best, last) a moving average of the weights with this "
+            "decay per optimiser step, e.g. 0.998 (default: the live weights).",
+        ),
         click.Option(["--seed"], type=int, default=42, show_default=True),
         click.Option(
             ["--precision"], type=click.Choice(PRECISIONS), default="fp32", show_default=True

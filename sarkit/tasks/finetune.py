@@ -110,7 +110,11 @@ def same_on_every_rank(values: dict[str, float]) -> dict[str, float]:
 
 class HeadTask(ModuleTask):
     """A head's model on the loop: measures the held-out split after every epoch (eval.csv)
-    and keeps the weights of the best epoch by the head's primary metric."""
+    and keeps the weights of the best epoch by the head's primary metric.
+
+    With ``use_ema(decay)`` (``--ema``) a moving average of the weights is what is measured
+    and saved (best and last): a small model's late epochs swing by points, the average
+    much less (``sarkit.train.ema``)."""
 
     def __init__(
         self,
@@ -135,6 +139,46 @@ class HeadTask(ModuleTask):
             except (ValueError, KeyError, TypeError):
                 pass
         self.evaluations = 0
+        self.ema: Any = None
+        self._stepped = False  # an optimiser step ran since the average last moved
+        self._engine: Any = None
+
+    def use_ema(self, decay: float) -> None:
+        """Measure and save a moving average of the weights (a copy of the model now)."""
+        from sarkit.train.ema import WeightEMA
+
+        self.ema = WeightEMA(self.model, decay)
+
+    def to(self, device: torch.device) -> None:
+        if self.ema is not None:
+            self.ema.to(device)
+
+    def attach(self, engine: Any) -> None:
+        if self.ema is not None and getattr(engine, "stage", 0) == 3:
+            raise SarkitError("--ema: not under ZeRO-3 (each rank holds a shard of the weights)")
+        self._engine = engine
+
+    def _catch_up(self) -> None:
+        """Fold the last optimiser step into the average (the loop has no after-step hook:
+        a step is folded in before the next one, a measurement or a checkpoint)."""
+        if self.ema is not None and self._stepped:
+            self.ema.update(self._engine.module)
+            self._stepped = False
+
+    def before_step(self, step: int, engine: Any) -> None:
+        if self.ema is not None:
+            self._catch_up()
+            self._stepped = True
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            return {}
+        self._catch_up()  # a resumed run must not miss the step saved before it
+        return self.ema.state()
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.ema is not None:
+            self.ema.load_state(state)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         if self.groups is not None:
@@ -145,6 +189,9 @@ class HeadTask(ModuleTask):
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         if self.measure is None:
             return {}
+        if self.ema is not None:
+            self._catch_up()
+            module = self.ema.module
         values = same_on_every_rank(self.measure(module))
         self.evaluations += 1
         score = values.get(self.primary)
@@ -159,7 +206,16 @@ class HeadTask(ModuleTask):
         return values
 
     def export(self, out: Path, module: nn.Module, specs: dict, tensors: Any) -> None:
-        write_weights(out / "last.safetensors", specs, tensors)
+        if self.ema is not None:  # rank 0 only: no collective save_module here
+            from sarkit.model.weights import save_weights
+
+            self._catch_up()
+            for _ in tensors:  # the engine's gathers run all the same
+                pass
+            with atomic_path(out / "last.safetensors") as tmp:
+                save_weights(self.ema.module, tmp)
+        else:
+            write_weights(out / "last.safetensors", specs, tensors)
         if not (out / "best.safetensors").exists():  # no evaluation ran: last is all there is
             import shutil
 
@@ -196,6 +252,8 @@ def train_head(head: Any, options: FinetuneOptions) -> Path:
     if options.resume:
         check_resume(out, head.name)
     prepared = head.prepare(options)
+    if getattr(options, "ema", None):
+        prepared.task.use_ema(float(options.ema))
     loop = Loop(prepared.task, prepared.dataset, prepared.collate, options)
     if loop.main:
         runfolder.write_config(out, head.name, options, prepared.config)

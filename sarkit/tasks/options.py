@@ -22,6 +22,7 @@ class FinetuneOptions(LoopOptions):
     image_size: int = 64
     drop_path: float = 0.1
     val_fraction: float = 0.2  # the seeded split when the data gives none (4:1)
+    ema: float | None = None  # measure/save a moving average of the weights (--ema DECAY)
     schedule: str = "cosine"
     warmup_steps: int = 100
     name: str = "finetune"
