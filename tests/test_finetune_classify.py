@@ -440,3 +440,60 @@ def test_ema_weights_are_measured_saved_and_rebuilt(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     resumed = load_file(str(part / "last.safetensors"))
     assert all(torch.allclose(resumed[k], last[k], atol=1e-6) for k in last)
+
+
+def test_range_stretch_scales_rows_only_on_a_real_chip():
+    """`--range-stretch`: a training view is the chip's window of side/factor rows and side
+    columns resized to the model's size (checked pixel for pixel against the same window cut
+    by hand); evaluation views and a stretch of 0 are the plain centred / translated crops."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from sarkit.tasks.images import ChipDataset
+
+    path = sorted((shared("mstar") / "train" / "7").iterdir())[0]
+    chip = np.asarray(Image.open(path).convert("L"))
+    assert chip.shape == (128, 128)
+    s = 0.15
+    stretched = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, 0.0, 1.0, train=True, stretch=s)
+    plain = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, 0.0, 1.0, train=True)
+    rows_seen = set()
+    for i in range(40):
+        rng = np.random.default_rng([0, 0, i])
+        factor = 1.0 + s * (2.0 * float(rng.random()) - 1.0)
+        rows = min(128, round(88 / factor))
+        top, left = int(rng.integers(0, 129 - rows)), int(rng.integers(0, 41))
+        flip = bool(rng.random() < 0.5)
+        win = torch.from_numpy(chip[top : top + rows, left : left + 88].copy()).float() / 255
+        want = F.interpolate(win[None, None], size=(88, 88), mode="bilinear", antialias=True)[0]
+        want = want.flip(-1) if flip else want
+        got, _ = stretched[i]
+        assert got.shape == (1, 88, 88)
+        assert torch.allclose(got, want, atol=1e-6)
+        rows_seen.add(rows)
+        # no stretch: the window is the 88 x 88 crop itself (no resize), as before the option
+        rng = np.random.default_rng([0, 0, i])
+        top, left = int(rng.integers(0, 41)), int(rng.integers(0, 41))
+        crop = torch.from_numpy(chip[top : top + 88, left : left + 88].copy()).float() / 255
+        crop = crop.flip(-1) if rng.random() < 0.5 else crop
+        assert torch.equal(plain[i][0][0], crop)
+    assert min(rows_seen) < 80 and max(rows_seen) > 96  # factors near both ends were drawn
+    held = ChipDataset([chip], [0], 88, 0.6875, 0.0, 1.0, train=False, stretch=s)
+    assert torch.equal(held[0][0][0], torch.from_numpy(chip[20:108, 20:108].copy()).float() / 255)
+    with pytest.raises(ValueError, match="range stretch"):
+        ChipDataset([chip], [0], 88, 0.6875, 0.0, 1.0, train=True, stretch=1.0)
+
+
+def test_range_stretch_option_trains_and_is_recorded(cli, tmp_path):
+    data = mstar_folders(tmp_path / "data", train=3, val=2)
+    run = tmp_path / "run"
+    proc = cli("finetune", "classify", "--data", data, *TINY, "--epochs", "1",
+               "--range-stretch", "0.15", "--center-crop", "0.6875", "-o", run)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["extra"]["range_stretch"] == 0.15
+    proc = cli("finetune", "classify", "--data", data, *TINY, "--range-stretch", "1", "-o",
+               tmp_path / "bad")  # fmt: skip
+    assert proc.returncode == 2 and "range-stretch" in proc.stderr

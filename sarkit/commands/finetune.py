@@ -55,7 +55,7 @@ def _build(values: dict) -> None:
 
 
 def build_command() -> click.Command:
-    from sarkit.tasks.commandline import head_options
+    from sarkit.tasks.commandline import head_options, named
     from sarkit.tasks.registry import builders
 
     params: list[click.Parameter] = [
@@ -69,19 +69,19 @@ def build_command() -> click.Command:
                 params.append(opt)
     return click.Command(
         "build",
-        params=params,
+        params=named(params),
         callback=lambda **values: _build(values),
         help="Make a fine-tuning dataset file (COCO boxes from masks; plugins add builders).",
     )
 
 
 def head_command(head, mode: str, callback) -> click.Command:
-    from sarkit.tasks.commandline import eval_options, finetune_options, head_options
+    from sarkit.tasks.commandline import eval_options, finetune_options, head_options, named
 
     common = finetune_options(head) if mode == "finetune" else eval_options()
     return click.Command(
         head.name,
-        params=[*common, *head_options(head.options, mode)],
+        params=named([*common, *head_options(head.options, mode)]),
         callback=lambda **values: callback(head, values),
         help=head.summary,
     )

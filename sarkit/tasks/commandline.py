@@ -21,6 +21,33 @@ from sarkit.ranges import FRACTION, NON_NEGATIVE, POSITIVE, number_in
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class NamedParse(click.ParamType):
+    """A parser function (``sarkit.ranges.number_in``) as a click type whose errors name
+    the option: click's own wrapper of a plain function says only "Invalid value"."""
+
+    def __init__(self, func: Any):
+        self.func = func
+        self.name = getattr(func, "__name__", "VALUE")
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import typer  # its BadParameter is its own vendored click's, not this click's
+
+        try:
+            return self.func(value)
+        except (click.BadParameter, typer.BadParameter) as exc:
+            self.fail(exc.message, param, ctx)
+        except (TypeError, ValueError) as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def named(params: list[click.Parameter]) -> list[click.Parameter]:
+    """The parameters with every plain parser function wrapped in `NamedParse`."""
+    for p in params:
+        if isinstance(p.type, click.types.FuncParamType):
+            p.type = NamedParse(p.type.func)
+    return params
+
+
 def click_option(opt: HeadOption) -> click.Option:
     """A HeadOption as a click option (its value under ``opt.dest``)."""
     if opt.type is bool:

@@ -53,6 +53,11 @@ class ChipDataset(torch.utils.data.Dataset):
     """(image tensor, label) from cached chips: a square crop (``crop`` x the short side,
     centred for evaluation, anywhere in the chip when training: a translation augment),
     resized to ``size``, a random horizontal flip when training, then (x - mean) / std.
+    ``stretch`` s > 0 also stretches each training view along the rows (range, in MSTAR's
+    chips) by a factor drawn from [1 - s, 1 + s]: the window keeps ``side / factor`` rows
+    (as many as the chip has at most). A target seen at another depression angle casts a
+    shadow of another length along range (tan 17 / tan 15 = 1.14 between MSTAR's train and
+    test angles); the columns (azimuth) keep their scale.
     Random choices come from (seed, epoch, index), so a resumed run sees the same views."""
 
     def __init__(
@@ -65,9 +70,13 @@ class ChipDataset(torch.utils.data.Dataset):
         std: float,
         train: bool,
         seed: int = 0,
+        stretch: float = 0.0,
     ):
+        if not 0.0 <= stretch < 1.0:
+            raise ValueError(f"a range stretch is in [0, 1), not {stretch}")
         self.images, self.labels = list(images), list(labels)
         self.size, self.crop, self.mean, self.std = size, crop, mean, std
+        self.stretch = stretch
         self.train, self.seed, self.epoch = train, seed, 0
 
     def __len__(self) -> int:
@@ -80,16 +89,20 @@ class ChipDataset(torch.utils.data.Dataset):
         im = self.images[index]
         h, w = im.shape
         side = max(1, round(min(h, w) * self.crop))
+        rows = side
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            top = int(rng.integers(0, h - side + 1))
+            if self.stretch:  # drawn first: a stretch of 0 leaves the other draws as they were
+                factor = 1.0 + self.stretch * (2.0 * float(rng.random()) - 1.0)
+                rows = min(h, max(1, round(side / factor)))
+            top = int(rng.integers(0, h - rows + 1))
             left = int(rng.integers(0, w - side + 1))
             flip = bool(rng.random() < 0.5)
         else:
             top, left, flip = (h - side) // 2, (w - side) // 2, False
-        x = torch.from_numpy(np.array(im[top : top + side, left : left + side]))
+        x = torch.from_numpy(np.array(im[top : top + rows, left : left + side]))
         x = x.float().div_(255.0)[None, None]
-        if side != self.size:
+        if rows != self.size or side != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         if flip:
             x = x.flip(-1)
