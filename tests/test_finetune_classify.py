@@ -73,6 +73,7 @@ def test_classify_run_folder_resume_eval(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = eval_rows(run)
     assert [int(r["step"]) for r in rows] == [3, 4, 6, 9]
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 3]  # the last step ends epoch 3
     results = json.loads((run / "results.json").read_text())
     assert results["settled_over"] == 4
     assert results["settled"]["top1"] == pytest.approx(

@@ -365,6 +365,9 @@ class Loop:
                             self.save_checkpoint()
                             last_saved = self.step
                         if self.step >= self.total_steps:
+                            if self.batch_in_epoch >= self.micro_per_epoch:
+                                self.epoch += 1  # the last step ended an epoch: it counts
+                                self.batch_in_epoch = 0
                             break
                     else:
                         self.epoch += 1
