@@ -54,14 +54,14 @@ def data_path(task: str, tmp: Path) -> str:
     return str(out)
 
 
-def options(task: str, out: Path, steps: int):
+def options(task: str, out: Path, steps: int, workers: int = 2):
     from sarkit.tasks import registry
     from sarkit.tasks.options import FinetuneOptions
 
     _, extra, size, batch = SETUPS[task]
     head = registry.head(task)
     fields = {k: v for k, v in head.defaults.items() if k in FinetuneOptions.__dataclass_fields__}
-    fields.update(image_size=size, batch_size=batch, max_steps=steps, workers=2, log_every=1,
+    fields.update(image_size=size, batch_size=batch, max_steps=steps, workers=workers, log_every=1,
                   save_every=10**9, warmup_steps=2)  # fmt: skip
     return head, FinetuneOptions(output=out, task=task, data=data_path(task, out.parent),
                                  extra=dict(extra), **fields)  # fmt: skip
@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="classify,segment,detect")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="the loop's DataLoader workers (0: in-process)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
@@ -144,7 +147,7 @@ def main() -> None:
         b, lp, ev = [], [], []
         for _ in range(args.repeat):
             with tempfile.TemporaryDirectory() as tmp:
-                head, opts = options(task, Path(tmp) / "run", args.steps)
+                head, opts = options(task, Path(tmp) / "run", args.steps, args.workers)
                 torch.manual_seed(0)
                 b.append(bare(head.prepare(opts), args.steps, opts.batch_size))
                 torch.manual_seed(0)
@@ -154,7 +157,8 @@ def main() -> None:
         rb, rl = statistics.median(b), statistics.median(lp)
         rows.append((task, rb, rl, rb / rl - 1, statistics.median(ev)))
     load = os.getloadavg()[0]
-    print(f"\nload average {load:.2f}, {torch.get_num_threads()} threads, {args.steps} steps")
+    print(f"\nload average {load:.2f}, {torch.get_num_threads()} threads, {args.steps} steps, "
+          f"{args.workers} loader workers, {args.repeat} rounds")  # fmt: skip
     print("| task | bare img/s | loop img/s | loop overhead | eval img/s |")
     print("|---|---|---|---|---|")
     for task, rb, rl, over, ev in rows:

@@ -14,6 +14,7 @@ Records: MSTAR SOC train chips with texts built from their class (tests/test_pre
     python bench/scio_noise.py --per-class 40 --steps 300 [--rewrite]
     python bench/scio_noise.py --per-class 30 --steps 160 --decoder-loss mlm   # screening only
     python bench/scio_noise.py --per-class 30 --steps 160 --decoder-loss mlm --cross-fit 2
+    python bench/scio_noise.py ... --vision vitc_tiny --vision-args patch_size=8,... --image-size 88
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--vision", default=None, help="the judge's ViT (default: the slow test's)")
+    ap.add_argument("--vision-args", default=None, help="timm keywords for --vision")
     ap.add_argument("--rate", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -115,6 +118,10 @@ def main() -> None:
     path = write_jsonl(work / "noisy.jsonl", recs)
     model = list(MODEL)
     model[model.index("--image-size") + 1] = str(a.image_size)
+    if a.vision:
+        model[model.index("--vision") + 1] = a.vision
+    if a.vision_args:
+        model += ["--vision-args", a.vision_args]
     k = max(1, a.cross_fit)
     # fold f's records are screened by a judge trained on the other folds (k = 1: on all)
     folds = [[r for i, r in enumerate(recs) if k == 1 or i % k != f] for f in range(k)]

@@ -92,13 +92,18 @@ def progress(description: str, total: int | None = None) -> Iterator[callable]:
         TimeElapsedColumn,
     )
 
+    console = _console()
+    # Off a terminal nothing is drawn until the end, so no refresh thread need wake up during
+    # training; on one, twice a second is enough for a bar whose steps take seconds.
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
-        console=_console(),
+        console=console,
+        auto_refresh=console.is_terminal,
+        refresh_per_second=2,
         transient=True,
         disable=_state["quiet"] or bool(_rank()),
     )
