@@ -409,3 +409,29 @@ def test_rewriting_sharded_over_two_ranks_equals_one_process(
     rewritten = [r for r in read(started["two"] / done)
                  if any("rewrite" in s for s in r.get("scio", {}).values())]  # fmt: skip
     assert len(rewritten) >= 2
+
+
+def test_ablation_under_two_ranks(base, refined_run, tmp_path):
+    """`--ablation` under torchrun with 2 processes, from a finished SCIO run: both ranks train
+    the arms (DDP), rank 0 alone scores and writes the table, every arm trains the same steps
+    and nothing of the SCIO run is redone."""
+    import shutil
+
+    run, _ = refined_run
+    two = tmp_path / "two"
+    shutil.copytree(run / "stages", two / "stages")
+    proc = _torchrun([*scio_args(base, two), "--ablation", "--heldout", base / "heldout.jsonl"],
+                     tmp_path)  # fmt: skip
+    assert "scio: stage" not in proc.stderr  # every SCIO stage was done: none redone
+    assert "scio ablation: a-train-1" in proc.stderr
+    table = json.loads((two / "ablation.json").read_text())
+    assert [a["arm"] for a in table["arms"]] == [
+        "SCIO off", "screen + filter", "screen + filter + reconstruct"]  # fmt: skip
+    assert table["records"] == len(read(base / "heldout.jsonl"))
+    for arm in table["arms"]:
+        assert 0.0 <= arm["i2t_r1"] <= 1.0 and 0.0 <= arm["t2i_r1"] <= 1.0
+    assert proc.stderr.count("| SCIO off | no | no |") == 1  # one table: rank 0's
+    arms = [two / "ablation" / "a-train-1", two / "ablation" / "a-train-2",
+            two / "stages" / "02-train-r1", two / "ablation" / "b-train-2",
+            two / "stages" / "04-train-r1b"]  # fmt: skip
+    assert len({len(read_csv(p)) for p in arms}) == 1
