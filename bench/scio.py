@@ -1,8 +1,9 @@
-"""Screening speed: batched (one image encoding + its 9 text variants as one batch) against a
+"""Screening speed: batched (one image encoding + its 17 text variants as one batch) against a
 naive loop (one text variant per forward pass, the image re-encoded each time).
 
-Both compute the same dITC/dITM (tests/test_scio.py checks they agree); the model's weights do
-not matter for speed, so it is built at random. Images: real MSTAR chips with label-built texts.
+Both compute the same dITC, dITM and aITC (tests/test_scio.py checks they agree); the
+model's weights do not matter for speed, so it is built at random. Images: real MSTAR chips
+with label-built texts.
 
     python bench/scio.py [--vision vit_tiny_patch16_224] [--image-size 64] [--images 32]
 """
@@ -72,7 +73,7 @@ def main() -> None:
     base = rows[0][1]
     layers = a.text_layers or "all"
     print(f"{a.vision} @ {a.image_size}px, text layers {layers}, max tokens {a.max_tokens}, "
-          f"{len(recs)} images x 9 variants, {a.threads} threads")  # fmt: skip
+          f"{len(recs)} images x 17 variants, {a.threads} threads")  # fmt: skip
     print("| screening | images/s | vs naive |")
     print("|---|---:|---:|")
     for name, rate in rows:

@@ -4,9 +4,9 @@ Records: MSTAR SOC train chips with texts built from their class (tests/test_pre
 20 % of the segments swapped for the same field of a chip of another class
 (`corrupt` below). A tiny SAR-KnowLIP pretrains on the noisy records; then
 
-1. `sarkit scio --screen-only` with margins 0 and no cap gives every segment's dITC and dITM;
-   the noise pool is recomputed here for each (ITC margin, ITM margin, cap) and its
-   precision and recall against the known corruptions printed as a table;
+1. `sarkit scio --screen-only` with no cap gives every segment's dITC, dITM and aITC (the
+   segment by itself); the noise pool is recomputed here for each rule (arms, margins, cap)
+   and its precision and recall against the known corruptions printed as a table;
 2. (--rewrite) a full `sarkit scio` round with the chosen defaults: the share of rewritten
    segments that name the chip's class again, and how often a rewrite is worse than the
    text it replaced (the old one named the class, the rewrite does not).
@@ -96,9 +96,11 @@ def main() -> None:
     )
     ap.add_argument("--rewrite", action="store_true")
     ap.add_argument("--rewrite-steps", type=int, default=100)
+    ap.add_argument("--rule", default="segment", help="--rewrite's scio rule")
+    ap.add_argument("--segment-z", type=float, default=3.0)
     ap.add_argument("--itc-margin", type=float, default=0.0)
     ap.add_argument("--itm-margin", type=float, default=0.01)
-    ap.add_argument("--itc-alone-margin", default="0.1")
+    ap.add_argument("--itc-alone-margin", type=float, default=0.1)
     ap.add_argument("--field-cap", type=float, default=0.3)
     ap.add_argument(
         "--cross-fit",
@@ -147,7 +149,7 @@ def main() -> None:
     order = {r["id"]: i for i, r in enumerate(recs)}
     screened.sort(key=lambda r: order[r["id"]])
     index = {r["id"]: k for k, r in enumerate(screened)}
-    scores = {k: {f: [s["ditc"], s["ditm"]] for f, s in (r.get("scio") or {}).items()}
+    scores = {k: {f: [s["ditc"], s["ditm"], s["aitc"]] for f, s in (r.get("scio") or {}).items()}
               for k, r in enumerate(screened)}  # fmt: skip
     bad_k = {(index[i], f) for i, f in bad}
     trained = "pretrained run reused from --work" if reused else f"pretrain {a.steps} steps"
@@ -157,31 +159,49 @@ def main() -> None:
           f"{trained} {t_train:.0f} s, screening {t_screen:.0f} s")  # fmt: skip
     ditc = [(-v[0], key in bad_k) for key, v in flat_scores(scores).items()]
     ditm = [(v[1], key in bad_k) for key, v in flat_scores(scores).items()]
-    print(f"AUC corrupted vs clean: -dITC {auc(ditc):.3f}, dITM {auc(ditm):.3f}")
-    print("| ITC margin | ITM margin | ITC alone | cap | flagged | precision | recall |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    aitc = [(v[2], key in bad_k) for key, v in flat_scores(scores).items()]
+    print(f"AUC corrupted vs clean: -dITC {auc(ditc):.3f}, dITM {auc(ditm):.3f}, "
+          f"aITC {auc(aitc):.3f}")  # fmt: skip
+    print("| ITC margin | ITM margin | ITC alone | segment z | cap | flagged | precision "
+          "| recall |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-    def row(mi: float, mm: float, cap: float, alone: float | None = None) -> None:
-        pool = decide(scores, mi, mm, cap, alone)
+    def row(mi: float | None, mm: float, cap: float, alone: float | None = None,
+            z: float | None = None) -> None:  # fmt: skip
+        """None: that arm off (mi None: the paper's arm off)."""
+        rules = [n for n, on in (("paper", mi is not None), ("itc", alone is not None),
+                                 ("segment", z is not None)) if on]  # fmt: skip
+        pool = decide(scores, rules, mi or 0.0, mm, cap, alone or 0.0, z or 0.0)
         flagged = {(k, f) for k, names in pool.items() for f in names}
         p, r = precision_recall(flagged, bad_k)
-        mm_s = "off" if mm < 0 else f"{mm:g}"
+        mi_s = "off" if mi is None else f"{mi:g}"
+        mm_s = "off" if mi is None else "none" if mm < 0 else f"{mm:g}"
         alone_s = "off" if alone is None else f"{alone:g}"
-        print(f"| {mi:g} | {mm_s} | {alone_s} | {cap:g} | {len(flagged)} | {p:.3f} | {r:.3f} |")
+        z_s = "off" if z is None else f"{z:g}"
+        print(f"| {mi_s} | {mm_s} | {alone_s} | {z_s} | {cap:g} | {len(flagged)} | {p:.3f} "
+              f"| {r:.3f} |")  # fmt: skip
 
     for cap in (1.0, 0.5, 0.3, 0.2):
         for mi in (0.0, 0.02, 0.05, 0.1, 0.2):
-            for mm in (-1.0, 0.0, 0.01):  # -1: no ITM confirmation (dITM > -1 always)
+            for mm in (-1.0, 0.0, 0.01):  # -1: "none", no ITM confirmation (dITM > -1 always)
                 row(mi, mm, cap)
     # either arm: the ITM-confirmed candidates, or a strong dITC alone (the defaults' rule)
     for cap in (1.0, 0.3):
         for mi, mm in ((0.0, 0.01), (0.0, 0.02), (0.05, 0.01)):
             for alone in (0.05, 0.1, 0.15, 0.2):
                 row(mi, mm, cap, alone)
+    # the segment by itself: aITC above its field's median by z MADs (the default arm)
+    for cap in (1.0, 0.3, 0.2):
+        for z in (1.5, 2.0, 2.5, 3.0, 4.0, 5.0):
+            row(None, 0.0, cap, z=z)
+    for z in (2.0, 3.0, 4.0):
+        row(0.0, 0.01, 0.3, 0.1, z=z)  # with the former defaults' two arms
+        row(None, 0.0, 0.3, 0.2, z=z)  # with a strong dITC alone
     if not a.rewrite:
         return
     sarkit("scio", path, "--init", work / "base", "-o", work / "scio", *model,
-           "--max-steps", a.rewrite_steps, "--itc-margin", a.itc_margin,
+           "--max-steps", a.rewrite_steps, "--rule", a.rule, "--segment-z", a.segment_z,
+           "--itc-margin", a.itc_margin,
            "--itm-margin", a.itm_margin, "--itc-alone-margin", a.itc_alone_margin,
            "--field-cap", a.field_cap, "--screen-batch", 32,
            "--save-every", 0)  # fmt: skip

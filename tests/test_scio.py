@@ -82,24 +82,68 @@ def test_stage_plan():
 def test_decide_margins_cap_and_one_segment_kept():
     from sarkit.scio.screen import decide
 
+    def paper(scores, mi, mm, cap, itc_alone=None):
+        rules = ("paper",) if itc_alone is None else ("paper", "itc")
+        return decide(scores, rules, mi, mm, cap, itc_alone if itc_alone is not None else 0.0)
+
     # 10 records, field A: 4 confirmed (dITC < 0, dITM > 0), one with dITM < 0
-    scores = {i: {"A": [-0.1 * (i + 1), 0.1], "B": [0.5, -0.1]} for i in range(4)}
-    scores.update({i: {"A": [0.2, 0.1], "B": [0.5, -0.1]} for i in range(4, 9)})
-    scores[9] = {"A": [-1.0, -0.1], "B": [-0.5, 0.2]}
-    assert decide(scores, 0.0, 0.0, 1.0) == {0: {"A"}, 1: {"A"}, 2: {"A"}, 3: {"A"}, 9: {"B"}}
+    scores = {i: {"A": [-0.1 * (i + 1), 0.1, 5.0], "B": [0.5, -0.1, 5.0]} for i in range(4)}
+    scores.update({i: {"A": [0.2, 0.1, 5.0], "B": [0.5, -0.1, 5.0]} for i in range(4, 9)})
+    scores[9] = {"A": [-1.0, -0.1, 5.0], "B": [-0.5, 0.2, 5.0]}
+    assert paper(scores, 0.0, 0.0, 1.0) == {0: {"A"}, 1: {"A"}, 2: {"A"}, 3: {"A"}, 9: {"B"}}
     # margins: dITC < -0.25 leaves records 2 and 3; dITM > 0.15 leaves none of A
-    assert decide(scores, 0.25, 0.0, 1.0) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
-    assert decide(scores, 0.0, 0.15, 1.0) == {9: {"B"}}
+    assert paper(scores, 0.25, 0.0, 1.0) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
+    assert paper(scores, 0.0, 0.15, 1.0) == {9: {"B"}}
     # cap 0.2 of 10 A segments: the 2 strongest dITC (records 3, 2)
-    assert decide(scores, 0.0, 0.0, 0.2) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
+    assert paper(scores, 0.0, 0.0, 0.2) == {2: {"A"}, 3: {"A"}, 9: {"B"}}
     # the ITC-alone arm: record 9's A (dITC -1.0, dITM -0.1) is noise by its dITC alone
     # (B is confirmed too, dITM 0.2 > 0.15, and stays as the less suspect of its two)
-    assert decide(scores, 0.0, 0.15, 1.0, itc_alone=0.5) == {9: {"A"}}
-    assert decide(scores, 0.0, 0.0, 1.0, itc_alone=0.35) == {
+    assert paper(scores, 0.0, 0.15, 1.0, itc_alone=0.5) == {9: {"A"}}
+    assert paper(scores, 0.0, 0.0, 1.0, itc_alone=0.35) == {
         0: {"A"}, 1: {"A"}, 2: {"A"}, 3: {"A"}, 9: {"A"}}  # fmt: skip
     # every segment of a text flagged: the least suspect stays
-    both = {0: {"A": [-0.3, 0.1], "B": [-0.1, 0.1]}}
-    assert decide(both, 0.0, 0.0, 1.0) == {0: {"A"}}
+    both = {0: {"A": [-0.3, 0.1, 1.0], "B": [-0.1, 0.1, 1.0]}}
+    assert paper(both, 0.0, 0.0, 1.0) == {0: {"A"}}
+    with pytest.raises(ValueError, match="unknown screening rule"):
+        decide(scores, ("paper", "itm"))
+
+
+def test_a_journal_from_before_aitc_is_screened_again(tmp_path):
+    """A batch journaled by an older version ([dITC, dITM] only, no "v") is not reused: its
+    records would lack aITC, which the default rule needs."""
+    from sarkit.scio.screen import JOURNAL_VERSION, Journal
+
+    path = tmp_path / "journal.jsonl"
+    old = {"batch": 0, "ids": ["a"], "scores": {"0": {"A": [0.1, 0.0]}}, "bad": {}}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(dict(old, batch=1, v=JOURNAL_VERSION))
+                    + "\n")  # fmt: skip
+    book = Journal(path)
+    assert book.get(0, ["a"]) is None and book.get(1, ["a"]) is not None
+    assert book.get(1, ["b"]) is None  # other records: not reused either
+
+
+def test_decide_segment_arm_in_each_fields_own_units():
+    """aITC z = (aITC - the field's median) / its MAD, by hand: field A's aITC 1..10 has
+    median 5.5 and MAD 2.5, so 10 is z 1.8 and 9 is z 1.4; field B's values are ten times
+    A's, the same z: the margin is in each field's own units."""
+    from sarkit.scio.screen import decide, segment_z
+
+    scores = {i: {"A": [0.0, 0.0, float(i + 1)], "B": [0.0, 0.0, 10.0 * (i + 1)]}
+              for i in range(10)}  # fmt: skip
+    z = segment_z(scores)
+    assert z[(9, "A")] == pytest.approx(1.8) and z[(8, "A")] == pytest.approx(1.4)
+    assert z[(9, "B")] == pytest.approx(1.8) and z[(0, "A")] == pytest.approx(-1.8)
+    assert decide(scores, ("segment",), z_margin=1.5, field_cap=1.0) == {9: {"A"}}  # B kept
+    # at 1.0 both fields of records 8 and 9 pass: B, as suspect as A, is the one kept
+    assert decide(scores, ("segment",), z_margin=1.0, field_cap=1.0) == {8: {"A"}, 9: {"A"}}
+    # the cap keeps the highest z; too few segments of a field: no z, nothing flagged
+    assert decide(scores, ("segment",), z_margin=1.0, field_cap=0.1) == {9: {"A"}}
+    few = {i: {"A": [0.0, 0.0, float(i)]} for i in range(7)}
+    assert segment_z(few) == {} and decide(few, ("segment",), z_margin=0.0) == {}
+    # either arm: the paper's flags record 0's B (dITC -1, dITM 0.5), the segment arm 9's A
+    scores[0]["B"] = [-1.0, 0.5, 10.0]
+    assert decide(scores, ("paper", "segment"), 0.0, 0.0, 1.0, z_margin=1.5) == {
+        0: {"B"}, 9: {"A"}}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the command
@@ -128,7 +172,7 @@ def base(tmp_path_factory):
 
 def scio_args(base, run) -> list:
     return ["scio", base / "mixed.jsonl", "--init", base / "base", "-o", "-", "--run-dir", run,
-            *SCIO, "--itc-margin", "0", "--itm-margin", "0",
+            *SCIO, "--rule", "paper,segment", "--itc-margin", "0", "--itm-margin", "0",
             "--field-cap", "0.5"]  # fmt: skip
 
 
@@ -169,6 +213,9 @@ def test_scio_refines_and_reports(base, refined_run):
         for name, seg in rec["scio"].items():
             decisions[seg["decision"]] += 1
             assert isinstance(seg["ditc"], float) and isinstance(seg["ditm"], float)
+            assert seg["aitc"] > 0 and isinstance(seg["aitc_z"], float)  # 12 records >= 8
+            if seg["decision"] != "kept":  # flagged by one of the two arms asked for
+                assert (seg["ditc"] < 0 < seg["ditm"]) or seg["aitc_z"] > 3
             if seg["decision"] == "kept":
                 assert rec["texts"][name] == old["texts"][name] and seg["round"] == 1
             elif seg["decision"] == "removed":
@@ -179,6 +226,7 @@ def test_scio_refines_and_reports(base, refined_run):
     flagged = decisions["rewritten"] + decisions["removed"]
     assert 0 < flagged <= 0.5 * 12 * 8  # the field cap holds
     report = (run / "report.md").read_text()
+    assert "noise: dITC < -0 and dITM > 0, or aITC > its field's median + 3 MAD" in report
     for name in TERRAIN_FIELDS:
         assert name in report and name in proc.stderr
     assert (run / "dITC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -263,7 +311,7 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
                "--text-lr-scale", "0.5", "--momentum", "0.9", "--grad-accum", "1",
                "--center-crop", "0.7", "--no-augment", "--save-every", "0", "--seed", "1",
                "--precision", "fp32", "--screen-batch", "5", "--max-new-tokens", "5",
-               "--rounds", "2", "--itm-segment-negatives", "0.5", "--itc-alone-margin", "off",
+               "--rounds", "2", "--itm-segment-negatives", "0.5", "--rule", "paper",
                "--cross-attention-lr-scale", "1", check=0)  # fmt: skip
     screened = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(screened) == 12 and screened == read(tmp_path / "s" / "screened.jsonl")
@@ -291,7 +339,8 @@ def test_scio_from_scratch_screen_only_to_stdout(base, cli, tmp_path):
         (["--screen-only", "--ablation", "--heldout", "x"], 2, "exclude each other"),
         (["--field-cap", "1.5"], 2, "0<=x<=1"),
         (["--itc-margin", "nan"], 2, "x>=0"),
-        (["--itc-alone-margin", "-1"], 2, "--itc-alone-margin: -1 is not in the range x>=0"),
+        (["--itc-alone-margin", "-1"], 2, "x>=0"),
+        (["--rule", "paper,itm"], 2, "--rule paper,itm: use a comma list of paper, itc, segment"),
         (["--precision", "fp8"], 2, "use fp32, bf16 or fp16"),
     ],
 )

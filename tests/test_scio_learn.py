@@ -59,11 +59,11 @@ def precision_recall(flagged: set, bad: set) -> tuple[float, float]:
 
 
 def test_screening_finds_the_corruptions(tmp_path, cli):
-    """300 chips, 480 of 2,400 segments corrupted, 160 steps of 32. Measured (2026-12-02, the
-    ITM head on the fused text tokens, the defaults then: ITC margin 0.1, ITM 0): 30 min wall
-    at load 5-9, 12.4 CPU-min; noise pool 184, precision 0.761, recall 0.292. At today's
-    defaults (ITC 0 and ITM 0.01, or ITC 0.1 alone) bench/scio_noise.py's screening of the
-    same judge gives 286, 0.766, 0.456. `make test-all` only."""
+    """300 chips, 480 of 2,400 segments corrupted, 160 steps of 32, screened at the defaults
+    (arm `segment`: the segment by itself 3 MADs above its field's median). bench/scio_noise.py's
+    screening of the same judge (2026-12-03): 335 flagged, precision 0.991, recall 0.692;
+    the paper's rule 0.456 / 0.419. The issue's goal is asserted: precision >= 0.7 and
+    recall >= 0.5. `make test-all` only."""
     recs = mstar_records(shared("mstar"), "train", PER_CLASS, seed=0)
     bad = corrupt(recs, RATE, seed=0)
     noisy = write_jsonl(tmp_path / "noisy.jsonl", recs)
@@ -78,5 +78,5 @@ def test_screening_finds_the_corruptions(tmp_path, cli):
     }
     p, r = precision_recall(flagged, bad)
     print(f"noise pool {len(flagged)}, corrupted {len(bad)}: precision {p:.3f}, recall {r:.3f}")
-    assert p > RATE + 0.2, (p, r)
-    assert r > 0.25, (p, r)
+    assert p > RATE + 0.2, (p, r)  # a clear margin above chance
+    assert p >= 0.7 and r >= 0.5, (p, r)  # the issue's goal at CPU scale

@@ -41,23 +41,35 @@ def command(
     ),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Cap on each stage's steps."),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Screen-filter-reconstruct rounds."),
+    rule: str = typer.Option(
+        "segment",
+        "--rule",
+        help="Which arms flag a segment as noise (comma list, any one suffices): 'segment' "
+        "(the segment by itself fits the image badly: its L_ITC more than --segment-z MADs "
+        "above its field's median), 'paper' (dITC < -(--itc-margin) and dITM > "
+        "--itm-margin: the paper's rule), 'itc' (dITC < -(--itc-alone-margin)). Measured "
+        "on MSTAR: docs/results.md, SCIO.",
+    ),
+    segment_z: float = typer.Option(
+        3.0, "--segment-z", parser=NON_NEGATIVE, help="Arm 'segment': MADs above the median."
+    ),
     itc_margin: float = typer.Option(
         0.0,
         "--itc-margin",
         parser=NON_NEGATIVE,
-        help="Noise: dITC < -margin (nats; the paper's 0) and dITM > --itm-margin ...",
+        help="Arm 'paper': dITC < -margin (nats; the paper's 0) and dITM > --itm-margin.",
     ),
     itm_margin: float = typer.Option(
         0.01,
         "--itm-margin",
         parser=number_in(0, 1),
-        help="... (the ITM confirmation; the paper's 0), or dITC < -(--itc-alone-margin).",
+        help="Arm 'paper': the ITM confirmation (the paper's 0).",
     ),
-    itc_alone_margin: str = typer.Option(
-        "0.1",
+    itc_alone_margin: float = typer.Option(
+        0.1,
         "--itc-alone-margin",
-        help="Noise without the ITM confirmation when dITC < -this (nats), or 'off' (the "
-        "paper's rule alone). Defaults measured on MSTAR: docs/results.md, SCIO.",
+        parser=NON_NEGATIVE,
+        help="Arm 'itc': noise without the ITM confirmation when dITC < -this (nats).",
     ),
     field_cap: float = typer.Option(
         0.3,
@@ -134,12 +146,12 @@ def command(
         raise UsageError("--heldout goes with --ablation")
     if screen_only and ablation:
         raise UsageError("--screen-only and --ablation exclude each other")
-    alone = None if itc_alone_margin.strip().lower() == "off" else itc_alone_margin
-    if alone is not None:
-        try:
-            alone = NON_NEGATIVE(alone)
-        except typer.BadParameter as e:
-            raise UsageError(f"--itc-alone-margin: {e} (or 'off')") from None
+    from sarkit.scio.screen import RULES
+
+    rules = tuple(dict.fromkeys(r.strip().lower() for r in rule.split(",") if r.strip()))
+    unknown = [r for r in rules if r not in RULES]
+    if unknown or not rules:
+        raise UsageError(f"--rule {rule}: use a comma list of {', '.join(RULES)}")
     if ablation_vqa is not None and not ablation:
         raise UsageError("--ablation-vqa goes with --ablation")
     check_output_folder(folder)
@@ -153,7 +165,9 @@ def command(
         rounds=rounds,
         itc_margin=itc_margin,
         itm_margin=itm_margin,
-        itc_alone_margin=alone,
+        itc_alone_margin=itc_alone_margin,
+        rules=rules,
+        segment_z=segment_z,
         field_cap=field_cap,
         screen_batch=screen_batch,
         max_new_tokens=max_new_tokens,

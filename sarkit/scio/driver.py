@@ -160,7 +160,14 @@ def screen_stage(
     (screen_share) and the shares are all-gathered, so every rank ends with the same merged
     scores and records as one process would have, whatever the number of ranks.
     """
-    from sarkit.scio.screen import decide, journal_files, journal_path, merge_shares, screen_share
+    from sarkit.scio.screen import (
+        decide,
+        journal_files,
+        journal_path,
+        merge_shares,
+        screen_share,
+        segment_z,
+    )
 
     rank, world, device = _process_group(options)
     judge = Judge(run, current, pool, options, device)
@@ -170,8 +177,9 @@ def screen_stage(
     )  # fmt: skip
     shares = _every_ranks(share, world)
     scores, bad = merge_shares(shares, judge.pool, options.screen_batch, str(folder))
-    flagged = decide(scores, options.itc_margin, options.itm_margin, options.field_cap,
-                     options.itc_alone_margin)  # fmt: skip
+    flagged = decide(scores, options.rules, options.itc_margin, options.itm_margin,
+                     options.field_cap, options.itc_alone_margin, options.segment_z)  # fmt: skip
+    zs = segment_z(scores)
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
         rec = out[i]
@@ -183,9 +191,11 @@ def screen_stage(
         rec.setdefault("texts_original", copy.deepcopy(rec["texts"]))
         entry = rec.setdefault("scio", {})
         noisy = flagged.get(k, set())
-        for name, (ditc, ditm) in scores.get(k, {}).items():
+        for name, (ditc, ditm, aitc) in scores.get(k, {}).items():
             seg = entry.get(name, {})
-            seg.update(ditc=ditc, ditm=ditm, round=rnd)
+            seg.update(ditc=ditc, ditm=ditm, aitc=aitc, round=rnd)
+            if (k, name) in zs:
+                seg["aitc_z"] = round(zs[(k, name)], 4)
             if name in noisy:
                 seg["decision"] = "noise"
             else:

@@ -20,12 +20,14 @@ class ScioOptions(PretrainOptions):
     epochs_per_stage_given: bool = False
     # From bench/scio_noise.py on MSTAR (docs/results.md, SCIO), a judge trained on texts with
     # 20 % of segments corrupted: the paper's rule (dITC < 0 and dITM > 0) gives precision
-    # 0.46 at recall 0.42; with the ITM head fixed, dITM > 0.01 confirms with precision 0.84
-    # (recall 0.20), and dITC < -0.1 alone finds other corruptions (0.78 / 0.38). Either arm:
-    # 0.77 / 0.46, against 0.76 / 0.29 for the defaults before (ITC 0.1 and ITM 0 together).
+    # 0.46 at recall 0.42; its best mix with dITC alone (either arm, ITM 0.01, ITC 0.1)
+    # 0.77 / 0.46. A segment by itself against the image (``segment``, 3 MADs above its
+    # field's median) gives 0.96 / 0.78 from the same judge: the default.
+    rules: tuple[str, ...] = ("segment",)
     itc_margin: float = 0.0
     itm_margin: float = 0.01
-    itc_alone_margin: float | None = 0.1  # dITC < -this is noise without ITM (None: off)
+    itc_alone_margin: float = 0.1  # arm ``itc``: dITC < -this is noise without ITM
+    segment_z: float = 3.0  # arm ``segment``: aITC above its field's median by this many MADs
     field_cap: float = 0.3
     screen_batch: int = 16  # images per screening batch (x the text variants of each)
     max_new_tokens: int = 40  # a rewritten segment's own length limit

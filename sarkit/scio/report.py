@@ -34,13 +34,28 @@ def table_text(table: dict[str, dict[str, int]], decisions: Sequence[str]) -> li
 
 
 def strongest(records: list[dict], n: int = 10) -> list[tuple[float, dict, str, dict]]:
+    """The n most suspect flagged segments: highest aITC z (arm ``segment``), else most
+    negative dITC."""
     items = []
     for rec in records:
         for name, seg in (rec.get("scio") or {}).items():
             if seg.get("decision") in ("noise", "rewritten", "removed"):
-                items.append((float(seg["ditc"]), rec, name, seg))
+                key = -float(seg["aitc_z"]) if "aitc_z" in seg else float(seg["ditc"])
+                items.append((key, rec, name, seg))
     items.sort(key=lambda t: (t[0], str(t[1].get("id")), t[2]))
     return items[:n]
+
+
+def rule_text(options: Any) -> str:
+    arms = []
+    for rule in options.rules:
+        if rule == "segment":
+            arms.append(f"aITC > its field's median + {options.segment_z:g} MAD")
+        elif rule == "paper":
+            arms.append(f"dITC < -{options.itc_margin:g} and dITM > {options.itm_margin:g}")
+        else:
+            arms.append(f"dITC < -{options.itc_alone_margin:g}")
+    return "noise: " + ", or ".join(arms)
 
 
 def histogram(path: Path, records: list[dict], fields: Sequence[str]) -> bool:
@@ -83,23 +98,18 @@ def write(
     lines = table_text(table, decisions)
     md = ["# SCIO noise report", ""]
     md.append(
-        f"noise: dITC < -{options.itc_margin:g} and dITM > {options.itm_margin:g}"
-        + (
-            f", or dITC < -{options.itc_alone_margin:g} alone; "
-            if options.itc_alone_margin is not None
-            else "; "
-        )
-        + f"per-field cap {options.field_cap:g}; rounds {options.rounds}"
+        f"{rule_text(options)}; per-field cap {options.field_cap:g}; rounds {options.rounds}"
         + (" (screening only)" if options.screen_only else "")
     )
     md += ["", "## Segments per field and decision", "", "```", *lines, "```", ""]
     if skipped.counts:
         md += [f"Passed through unchanged: {skipped.summary()}.", ""]
-    md += ["## The 10 strongest (most negative dITC)", ""]
-    for ditc, rec, name, seg in strongest(records):
+    md += ["## The 10 most suspect (highest aITC z, else most negative dITC)", ""]
+    for _, rec, name, seg in strongest(records):
         before = (rec.get("texts_original") or {}).get(name, "")
-        md.append(f"- `{rec.get('id')}` **{name}** dITC {ditc:.4f}, dITM {seg['ditm']:.4f}: "
-                  f"{seg['decision']}")  # fmt: skip
+        alone = f", aITC {seg['aitc']:.4f} (z {seg['aitc_z']:.2f})" if "aitc_z" in seg else ""
+        md.append(f"- `{rec.get('id')}` **{name}** dITC {seg['ditc']:.4f}, dITM "
+                  f"{seg['ditm']:.4f}{alone}: {seg['decision']}")  # fmt: skip
         md.append(f"  - before: {before}")
         new = seg.get("rewrite")
         if new:
