@@ -352,6 +352,18 @@ def test_scio_usage_errors(tmp_path, cli, args, code, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_too_few_segments_for_the_segment_arm_are_named(base, cli, tmp_path):
+    """6 records: no field has the 8 screened segments a median and MAD need, so the default
+    arm judges none and says so rather than flagging nothing silently."""
+    few = write_jsonl(tmp_path / "few.jsonl", read(base / "train.jsonl")[:6])
+    proc = cli("scio", few, "--init", base / "base", "-o", tmp_path / "s", "--screen-only",
+               "--screen-batch", "6", check=0)  # fmt: skip
+    assert "fewer than 8 screened segments of Boundary, Buildings" in proc.stderr
+    screened = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(s["decision"] == "kept" and "aitc_z" not in s
+               for r in screened for s in r["scio"].values())  # fmt: skip
+
+
 def test_scio_bad_input_is_one_line(tmp_path, cli):
     one = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "path": "x.png",
                                                 "texts": {"Terrain": "flat"}}])  # fmt: skip

@@ -161,6 +161,7 @@ def screen_stage(
     scores and records as one process would have, whatever the number of ranks.
     """
     from sarkit.scio.screen import (
+        MIN_FIELD,
         decide,
         journal_files,
         journal_path,
@@ -180,6 +181,11 @@ def screen_stage(
     flagged = decide(scores, options.rules, options.itc_margin, options.itm_margin,
                      options.field_cap, options.itc_alone_margin, options.segment_z)  # fmt: skip
     zs = segment_z(scores)
+    if "segment" in options.rules:
+        few = sorted({f for per in scores.values() for f in per} - {f for _, f in zs})
+        if few:
+            log.warn(f"scio screen: fewer than {MIN_FIELD} screened segments of "
+                     f"{', '.join(few)}: the 'segment' arm does not judge them")  # fmt: skip
     out = [copy.deepcopy(r) for r in current]
     for k, i in enumerate(pool):
         rec = out[i]
