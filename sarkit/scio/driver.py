@@ -178,9 +178,11 @@ def screen_stage(
     )  # fmt: skip
     shares = _every_ranks(share, world)
     scores, bad = merge_shares(shares, judge.pool, options.screen_batch, str(folder))
-    flagged = decide(scores, options.rules, options.itc_margin, options.itm_margin,
-                     options.field_cap, options.itc_alone_margin, options.segment_z)  # fmt: skip
     zs = segment_z(scores)
+    flagged = decide(
+        scores, options.rules, options.itc_margin, options.itm_margin, options.field_cap,
+        options.itc_alone_margin, options.segment_z, zs,
+    )  # fmt: skip
     if "segment" in options.rules:
         few = sorted({f for per in scores.values() for f in per} - {f for _, f in zs})
         if few:

@@ -108,26 +108,22 @@ def screen_images(
 ) -> list[dict[int, Scores]]:
     """{segment index: (dITC, dITM, aITC)} for each image: one image encoding, one text batch."""
     tokens, img_feat = scorer.encode_images(images)
-    owner, texts, drop, where = [], [], [], []
+    owner, texts, drop, where = [], [], [], []  # where: (image, segment, full row, drop row)
     for i, segs in enumerate(segments):
+        full = len(owner)
         owner.append(i)
         texts.append(segs)
         drop.append([])
         present = nonempty(segs)
         for j in present:
+            where.append((i, j, full, len(owner)))
             for dropped in ([j], [k for k in present if k != j]):  # without p_j; p_j alone
                 owner.append(i)
                 texts.append(segs)
                 drop.append(dropped)
-            where.append((i, j, len(owner) - 2))
     loss, itm = scorer.score(tokens, img_feat, groups, owner, texts, drop)
-    full = {}
-    for row, i in enumerate(owner):
-        if not drop[row]:
-            full[i] = row
     out: list[dict[int, Scores]] = [{} for _ in segments]
-    for i, j, row in where:
-        base = full[i]
+    for i, j, base, row in where:
         out[i][j] = (float(loss[row] - loss[base]), float(itm[row] - itm[base]),
                      float(loss[row + 1]))  # fmt: skip
     return out
@@ -367,17 +363,22 @@ def decide(
     field_cap: float = 0.3,
     itc_alone: float = 0.1,
     z_margin: float = 3.0,
+    z: dict[tuple[int, str], float] | None = None,
 ) -> dict[int, set[str]]:
     """The noise pool: {pool index: flagged fields}. A segment is noise when any arm of
     `rules` says so: ``paper`` dITC < -itc_margin and dITM > itm_margin (the paper's
     candidate and its ITM confirmation), ``itc`` dITC < -itc_alone by itself, ``segment``
     its aITC more than z_margin MADs above its field's median. Then the per-field cap (the
     most suspect first: highest z under ``segment``, else most negative dITC), and at least
-    one segment of every text kept (the least suspect)."""
+    one segment of every text kept (the least suspect). `z`: :func:`segment_z` of `scores`
+    when the caller has it already."""
     unknown = sorted(set(rules) - set(RULES))
     if unknown or not rules:
         raise ValueError(f"unknown screening rule {unknown}: the arms are {', '.join(RULES)}")
-    z = segment_z(scores) if "segment" in rules else {}
+    if "segment" not in rules:
+        z = {}
+    elif z is None:
+        z = segment_z(scores)
 
     def suspicion(i: int, name: str) -> float:
         if "segment" in rules:
