@@ -226,10 +226,12 @@ def test_scio_refines_and_reports(base, refined_run):
     flagged = decisions["rewritten"] + decisions["removed"]
     assert 0 < flagged <= 0.5 * 12 * 8  # the field cap holds
     report = (run / "report.md").read_text()
-    assert "noise: dITC < -0 and dITM > 0, or aITC > its field's median + 3 MAD" in report
+    assert "noise: dITC < 0 and dITM > 0, or aITC > its field's median + 3 MAD" in report
     for name in TERRAIN_FIELDS:
         assert name in report and name in proc.stderr
-    assert (run / "dITC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("dITC.png", "aITC_z.png"):  # the segment arm asked for: both histograms
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
     from sarkit.model.knowlip import KnowLIP
 
     KnowLIP.from_run(run / "model")

@@ -16,7 +16,7 @@ records.jsonl exists (written atomically). A screening stage keeps a journal of 
 batches (one per rank under torchrun: each rank screens every world-th batch, the shares
 are gathered): killed during screening, the rerun scores only what is left, with any number
 of ranks, and the result is the same. The refined records go to refined.jsonl (or
-stdout), with report.md, the dITC histogram and, in model/, the last stage's model.
+stdout), with report.md, the dITC and aITC z histograms and, in model/, the last stage's model.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The noise report: counts per field and decision (report.md and the stderr table), the
-strongest examples before and after, and a histogram of dITC per field (dITC.png)."""
+strongest examples before and after, and histograms per field of dITC (dITC.png) and, under
+the ``segment`` arm, of aITC z (aITC_z.png), kept and flagged apart, the threshold drawn."""
 
 from __future__ import annotations
 
@@ -52,42 +53,70 @@ def rule_text(options: Any) -> str:
         if rule == "segment":
             arms.append(f"aITC > its field's median + {options.segment_z:g} MAD")
         elif rule == "paper":
-            arms.append(f"dITC < -{options.itc_margin:g} and dITM > {options.itm_margin:g}")
+            arms.append(f"dITC < {-options.itc_margin + 0.0:g} and dITM > {options.itm_margin:g}")
         else:
-            arms.append(f"dITC < -{options.itc_alone_margin:g}")
+            arms.append(f"dITC < {-options.itc_alone_margin + 0.0:g}")
     return "noise: " + ", or ".join(arms)
 
 
-def histogram(path: Path, records: list[dict], fields: Sequence[str]) -> bool:
+def histogram(
+    path: Path, records: list[dict], fields: Sequence[str], key: str, line: float, title: str
+) -> bool:
+    """Per field, the screened segments' `key` (kept and flagged stacked apart) with the
+    rule's threshold drawn, so a user sees where the cut falls in each field."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warn("matplotlib is not installed: no dITC histogram")
+        log.warn(f"matplotlib is not installed: no {path.name}")
         return False
-    values = {f: [] for f in fields}
+    kept = {f: [] for f in fields}
+    flagged = {f: [] for f in fields}
     for rec in records:
         for name, seg in (rec.get("scio") or {}).items():
-            if name in values and "ditc" in seg:
-                values[name].append(float(seg["ditc"]))
+            if name in kept and key in seg:
+                side = kept if seg.get("decision") == "kept" else flagged
+                side[name].append(float(seg[key]))
     cols = 4 if len(fields) > 4 else len(fields)
     rows = -(-len(fields) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, fields, strict=False):
-        ax.hist(values[name], bins=30, color="#4a7", edgecolor="none")
-        ax.axvline(0.0, color="k", lw=0.8)
-        ax.set_title(name, fontsize=9)
+        both = kept[name] + flagged[name]
+        if both:
+            ax.hist([kept[name], flagged[name]], bins=30, range=(min(both), max(both)),
+                    stacked=True, color=["#4a7", "#d54"], label=["kept", "flagged"])  # fmt: skip
+        ax.axvline(line, color="k", lw=0.8)
+        ax.set_title(f"{name} ({len(flagged[name])} of {len(both)} flagged)", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(fields) :]:
         ax.axis("off")
-    fig.suptitle("dITC = L_ITC(without segment) - L_ITC(full); < 0: candidate noise", fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return True
+
+
+def histograms(out: Path, records: list[dict], fields: Sequence[str], options: Any) -> list[str]:
+    """dITC.png always (the paper's quantity), aITC_z.png under the ``segment`` arm; the
+    Markdown lines that show them."""
+    cut = -options.itc_margin if "paper" in options.rules else 0.0
+    if "itc" in options.rules and "paper" not in options.rules:
+        cut = -options.itc_alone_margin
+    shown = []
+    title = "dITC = L_ITC(without segment) - L_ITC(full); below the line: candidate noise"
+    if histogram(out / "dITC.png", records, fields, "ditc", cut, title):
+        shown.append("![dITC per field](dITC.png)")
+    if "segment" in options.rules:
+        title = (f"aITC z = (L_ITC(segment alone) - field median) / MAD; above "
+                 f"{options.segment_z:g}: noise")  # fmt: skip
+        if histogram(out / "aITC_z.png", records, fields, "aitc_z", options.segment_z, title):
+            shown.append("![aITC z per field](aITC_z.png)")
+    return shown
 
 
 def write(
@@ -116,8 +145,9 @@ def write(
             verdict = "accepted" if seg["decision"] == "rewritten" else "rejected"
             md.append(f"  - rewrite ({verdict}; dITC {new['ditc']:.4f}, dITM {new['ditm']:.4f}): "
                       f"{new['text']}")  # fmt: skip
-    if histogram(out / "dITC.png", records, fields):
-        md += ["", "![dITC per field](dITC.png)"]
+    shown = histograms(out, records, fields, options)
+    if shown:
+        md += ["", *shown]
     write_text(out / "report.md", "\n".join(md) + "\n")
     log.info("scio: segments per field and decision")
     for line in lines:

@@ -17,9 +17,11 @@ L_ITC of one pair is its symmetric InfoNCE against a fixed negative bank, the mo
 the training stage left (entries of the pair's own group kept out: its own queued features
 and texts that describe the same thing), so a value does not depend on what else is in the
 batch and compares across images, ranks and resumed runs. Batched: an image is encoded once
-and its 2n + 1 text variants (full, each segment dropped, each segment alone) run as one
-batch through the text tower and the ITM cross-attention. Truncation is decided on the full
-text (TextCodec), so a dropped segment never lets the others grow back.
+and its 2n + 1 text variants (full, each segment dropped, each segment alone) run through
+the text tower in two batches (the long rows, then the short ones, so these are not padded
+to full length), and only the long ones through the ITM cross-attention (aITC needs none).
+Truncation is decided on the full text (TextCodec), so a dropped segment never lets the
+others grow back.
 """
 
 from __future__ import annotations
@@ -85,15 +87,18 @@ class Scorer:
         owner: Sequence[int],
         texts: Sequence[Any],
         drop: Sequence[Sequence[int]] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_ITC, ITM probability) of each text row against the image `owner[row]`."""
+        itm: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(L_ITC, ITM probability or None without `itm`) of each text row against the
+        image `owner[row]`."""
         enc = self.codec.encode(texts, drop=drop).to(self.device)
         own = torch.as_tensor(list(owner), device=self.device)
         txt = self.model.encode_texts(enc)
         exclude = self.bank.groups[None, :] == groups.to(self.device)[own][:, None]
         loss = self.model.itc_pair_loss(img_feat[own], txt, self.bank.img, self.bank.txt, exclude)
-        itm = self.model.itm_scores(tokens[own], enc)
-        return loss.float().cpu(), itm.float().cpu()
+        if not itm:
+            return loss.float().cpu(), None
+        return loss.float().cpu(), self.model.itm_scores(tokens[own], enc).float().cpu()
 
 
 def nonempty(segments: Sequence[str]) -> list[int]:
@@ -106,26 +111,34 @@ Scores = tuple[float, float, float]  # (dITC, dITM, aITC) of one segment
 def screen_images(
     scorer: Scorer, images: torch.Tensor, segments: list[list[str]], groups: torch.Tensor
 ) -> list[dict[int, Scores]]:
-    """{segment index: (dITC, dITM, aITC)} for each image: one image encoding, one text batch."""
+    """{segment index: (dITC, dITM, aITC)} for each image: one image encoding for all."""
     tokens, img_feat = scorer.encode_images(images)
-    owner, texts, drop, where = [], [], [], []  # where: (image, segment, full row, drop row)
+    # Two text batches, each padded to its own longest row: the full texts and those
+    # without one segment (long), then each segment alone (short). One batch of all 2n + 1
+    # would pad the n short rows to full length: twice the text tower's work.
+    long_owner, long_drop, alone_owner, alone_drop = [], [], [], []
+    where = []  # (image, segment, full row, row without the segment, row of it alone)
     for i, segs in enumerate(segments):
-        full = len(owner)
-        owner.append(i)
-        texts.append(segs)
-        drop.append([])
+        full = len(long_owner)
+        long_owner.append(i)
+        long_drop.append([])
         present = nonempty(segs)
         for j in present:
-            where.append((i, j, full, len(owner)))
-            for dropped in ([j], [k for k in present if k != j]):  # without p_j; p_j alone
-                owner.append(i)
-                texts.append(segs)
-                drop.append(dropped)
-    loss, itm = scorer.score(tokens, img_feat, groups, owner, texts, drop)
+            where.append((i, j, full, len(long_owner), len(alone_owner)))
+            long_owner.append(i)
+            long_drop.append([j])
+            alone_owner.append(i)
+            alone_drop.append([k for k in present if k != j])
+    texts = [segments[i] for i in long_owner]
+    loss, itm = scorer.score(tokens, img_feat, groups, long_owner, texts, long_drop)
+    alone = torch.zeros(0)
+    if alone_owner:
+        texts = [segments[i] for i in alone_owner]
+        alone, _ = scorer.score(tokens, img_feat, groups, alone_owner, texts, alone_drop, False)
     out: list[dict[int, Scores]] = [{} for _ in segments]
-    for i, j, base, row in where:
+    for i, j, base, row, solo in where:
         out[i][j] = (float(loss[row] - loss[base]), float(itm[row] - itm[base]),
-                     float(loss[row + 1]))  # fmt: skip
+                     float(alone[solo]))  # fmt: skip
     return out
 
 
@@ -133,21 +146,22 @@ def screen_naive(
     scorer: Scorer, images: torch.Tensor, segments: list[list[str]], groups: torch.Tensor
 ) -> list[dict[int, Scores]]:
     """The same numbers one text variant per forward pass, the image re-encoded each time
-    (the baseline of bench/scio.py)."""
+    (the baseline of bench/scio.py; like the batched path it skips ITM for the segments
+    alone, so the benchmark's ratio is the batching's)."""
     out: list[dict[int, Scores]] = []
     for i, segs in enumerate(segments):
 
-        def one(drop: list[int], i=i, segs=segs) -> tuple[float, float]:
+        def one(drop: list[int], itm: bool = True, i=i, segs=segs) -> tuple[float, float]:
             tokens, img_feat = scorer.encode_images(images[i : i + 1])
-            loss, itm = scorer.score(tokens, img_feat, groups[i : i + 1], [0], [segs], [drop])
-            return float(loss[0]), float(itm[0])
+            loss, s = scorer.score(tokens, img_feat, groups[i : i + 1], [0], [segs], [drop], itm)
+            return float(loss[0]), float(s[0]) if s is not None else math.nan
 
         base = one([])
         scores = {}
         present = nonempty(segs)
         for j in present:
             lj, sj = one([j])
-            alone, _ = one([k for k in present if k != j])
+            alone, _ = one([k for k in present if k != j], itm=False)
             scores[j] = (lj - base[0], sj - base[1], alone)
         out.append(scores)
     return out
