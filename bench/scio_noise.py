@@ -2,7 +2,9 @@
 
 Records: MSTAR SOC train chips with texts built from their class (tests/test_pretrain_data),
 20 % of the segments swapped for the same field of a chip of another class
-(`corrupt` below). A tiny SAR-KnowLIP pretrains on the noisy records; then
+(`corrupt`, tests/test_scio_learn.py), or (`--corruption lookalike`) rewritten in their own
+words for a look-alike class, T62 for T72 (`corrupt_lookalike` below). A tiny SAR-KnowLIP
+pretrains on the noisy records; then
 
 1. `sarkit scio --screen-only` with no cap gives every segment's dITC, dITM and aITC (the
    segment by itself); the noise pool is recomputed here for each rule (arms, margins, cap)
@@ -30,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))
-from test_pretrain_data import MSTAR_CLASSES  # noqa: E402
+from test_pretrain_data import MSTAR_CLASSES, TEMPLATES  # noqa: E402
 from test_scio_learn import JUDGE, corrupt, precision_recall  # noqa: E402
 
 MODEL = JUDGE  # the slow test's judge: the settings test_pretrain_learn found to learn MSTAR
@@ -75,6 +77,39 @@ def sarkit(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+# Each class's look-alikes, nearest first (shape and running gear): the misidentification an
+# LLM captioner makes, where a swapped-in segment of any other class is an easier error.
+LOOKALIKE = {0: (9, 1), 1: (4, 0), 2: (3, 8), 3: (4, 2), 4: (3, 1), 5: (9, 0), 6: (7,),
+             7: (6,), 8: (2, 3), 9: (0, 1)}  # fmt: skip
+
+
+def corrupt_lookalike(records: list[dict], rate: float, seed: int = 0) -> set[tuple[str, str]]:
+    """Rewrite `rate` of all segments, in place, in their own template's words for a
+    look-alike class (T62 for T72, BTR60 for BTR70, ...); a slot whose template cannot tell
+    the two apart (T62 and T72 share their kind) is passed over. Returns the (id, field)
+    pairs corrupted."""
+    import random
+
+    rng = random.Random(seed)
+    slots = [(k, f) for k, r in enumerate(records) for f in r["texts"]]
+    rng.shuffle(slots)
+    want = round(rate * len(slots))
+    bad = set()
+    for k, f in slots:
+        if len(bad) == want:
+            break
+        label, text = records[k]["label"], records[k]["texts"][f]
+        fill = [dict(zip(("name", "kind", "shape"), c, strict=True)) for c in MSTAR_CLASSES]
+        template = next(t for t in TEMPLATES[f] if t.format(**fill[label]) == text)
+        for other in LOOKALIKE[label]:
+            new = template.format(**fill[other])
+            if new != text:
+                records[k]["texts"][f] = new
+                bad.add((records[k]["id"], f))
+                break
+    return bad
+
+
 def main() -> None:
     from test_pretrain_data import mstar_records, write_jsonl
 
@@ -87,6 +122,13 @@ def main() -> None:
     ap.add_argument("--vision", default=None, help="the judge's ViT (default: the slow test's)")
     ap.add_argument("--vision-args", default=None, help="timm keywords for --vision")
     ap.add_argument("--rate", type=float, default=0.2)
+    ap.add_argument(
+        "--corruption",
+        choices=("swap", "lookalike"),
+        default="swap",
+        help="swap: the same field of a chip of another class; lookalike: the segment's own "
+        "template for a look-alike class (T62 for T72), a misidentification",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--decoder-loss",
@@ -116,7 +158,7 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="scio-noise-"))
     work.mkdir(parents=True, exist_ok=True)
     recs = mstar_records(SHARED / "mstar", "train", a.per_class, seed=a.seed)
-    bad = corrupt(recs, a.rate, seed=a.seed)
+    bad = (corrupt if a.corruption == "swap" else corrupt_lookalike)(recs, a.rate, seed=a.seed)
     path = write_jsonl(work / "noisy.jsonl", recs)
     model = list(MODEL)
     model[model.index("--image-size") + 1] = str(a.image_size)
