@@ -11,8 +11,9 @@ process and with the same seed:
   loop   sarkit.train.loop.Loop over the head's dataset (DataLoader, augmentation, lr
          schedule, logging, CSV, TensorBoard; evaluation switched off), images/s from its
          per-step timings in metrics.csv (the first 2 steps are warm-up)
-Overhead = bare / loop - 1 (target <= 10 %). Rounds alternate (--repeat) and medians are
-compared, so a change of load on a shared machine hits both alike. eval img/s: the held-out
+Overhead = bare / loop - 1 (target <= 10 %). Rounds alternate (--repeat): the table gives
+the median of the rounds' own ratios (each round's two halves ran back to back) and their
+range, which shows how far the machine's noise reaches. eval img/s: the held-out
 pass the head runs each epoch (classify: batched softmax; segment: tiled whole images;
 detect: detections of whole images, without the pycocotools scoring).
 """
@@ -155,14 +156,20 @@ def main() -> None:
                 lp.append(looped(prepared, opts))
                 ev.append(eval_rate(task, prepared, opts))
         rb, rl = statistics.median(b), statistics.median(lp)
-        rows.append((task, rb, rl, rb / rl - 1, statistics.median(ev)))
+        # paired: each round's bare and loop ran back to back, so their ratio is freer of the
+        # machine's drift between rounds than the ratio of the two medians
+        over = [x / y - 1 for x, y in zip(b, lp, strict=True)]
+        rows.append((task, rb, rl, statistics.median(over), min(over), max(over),
+                     statistics.median(ev)))  # fmt: skip
     load = os.getloadavg()[0]
     print(f"\nload average {load:.2f}, {torch.get_num_threads()} threads, {args.steps} steps, "
           f"{args.workers} loader workers, {args.repeat} rounds")  # fmt: skip
-    print("| task | bare img/s | loop img/s | loop overhead | eval img/s |")
-    print("|---|---|---|---|---|")
-    for task, rb, rl, over, ev in rows:
-        print(f"| {task} | {rb:.1f} | {rl:.1f} | {100 * over:+.1f} % | {ev:.1f} |")
+    print("| task | bare img/s | loop img/s | loop overhead (median of rounds) | rounds' range "
+          "| eval img/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for task, rb, rl, over, lo, hi, ev in rows:
+        print(f"| {task} | {rb:.1f} | {rl:.1f} | {100 * over:+.1f} % | {100 * lo:+.1f} to "
+              f"{100 * hi:+.1f} % | {ev:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
