@@ -55,7 +55,8 @@ def main() -> None:
     if a.text == "bert-base":
         from pretrain import bert_base_folder
 
-        text = bert_base_folder(Path(tempfile.mkdtemp(prefix="bench-scio-")) / "bert-base")
+        folder = tempfile.TemporaryDirectory(prefix="bench-scio-")  # removed at exit
+        text = bert_base_folder(Path(folder.name) / "bert-base")
     cfg = KnowLIPConfig(vision=a.vision, image_size=a.image_size, text=text,
                         text_layers=a.text_layers, queue_size=1024,
                         max_tokens=a.max_tokens)  # fmt: skip

@@ -94,12 +94,12 @@ def corrupt_lookalike(records: list[dict], rate: float, seed: int = 0) -> set[tu
     slots = [(k, f) for k, r in enumerate(records) for f in r["texts"]]
     rng.shuffle(slots)
     want = round(rate * len(slots))
+    fill = [dict(zip(("name", "kind", "shape"), c, strict=True)) for c in MSTAR_CLASSES]
     bad = set()
     for k, f in slots:
         if len(bad) == want:
             break
         label, text = records[k]["label"], records[k]["texts"][f]
-        fill = [dict(zip(("name", "kind", "shape"), c, strict=True)) for c in MSTAR_CLASSES]
         template = next(t for t in TEMPLATES[f] if t.format(**fill[label]) == text)
         for other in LOOKALIKE[label]:
             new = template.format(**fill[other])

@@ -92,7 +92,9 @@ def histogram(
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(fields) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    drawn = [ax for ax, name in zip(axes.flat, fields, strict=False) if kept[name] + flagged[name]]
+    if drawn:
+        drawn[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
