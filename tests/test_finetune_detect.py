@@ -108,6 +108,96 @@ def test_match_and_oracle_predictions_in_image_pixels():
     assert metrics["map50"] == pytest.approx(1.0) and metrics["map"] == pytest.approx(1.0)
 
 
+def _scene(boxes: list[list[int]], h: int = 200, w: int = 300):
+    """A cached scene, box k filled with 250 - 50 k and 0 elsewhere, at its own scale."""
+    from sarkit.tasks import detdata
+
+    image = torch.zeros(h, w, dtype=torch.uint8)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        image[y0:y1, x0:x1] = 250 - 50 * k
+    item = detdata._item("s", Path("s"), w, h, boxes, [1] * len(boxes), [False] * len(boxes))
+    return detdata.Cached(item, image, w, h)
+
+
+def test_training_windows_hold_their_boxes_pixels():
+    """Each window keeps exactly the boxes with at least half their pixels inside it, each
+    lying on its own target's pixels (the flips move both alike); half the windows sit
+    around a box; a scene smaller than the window is zero-padded."""
+    from sarkit.tasks import detdata
+
+    boxes = [[10, 10, 30, 24], [140, 90, 170, 120], [260, 170, 300, 200]]
+    c = _scene(boxes)
+    ds = detdata.WindowDataset([c], 64, 0.0, 1.0, seed=1)
+    assert len(ds) == 4 * 5  # ceil(200 / 64) x ceil(300 / 64) windows cover the scene
+    with_box = cut = 0
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            x, bx, lb = ds[i]
+            assert x.shape == (1, 64, 64) and len(bx) == len(lb)
+            values = (x[0] * 255).round().long()
+            want = []
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                share = int((values == 250 - 50 * k).sum()) / ((x1 - x0) * (y1 - y0))
+                cut += 0 < share < 0.5
+                if share >= 0.5:
+                    want.append(250 - 50 * k)
+            got = []
+            for x0, y0, x1, y1 in bx.round().long().tolist():
+                assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+                inside = values[y0:y1, x0:x1].unique().tolist()
+                assert len(inside) == 1 and inside[0] > 0  # one target's pixels, all of it
+                got.append(inside[0])
+            assert sorted(got) == sorted(want)
+            with_box += bool(len(bx))
+    assert cut > 0  # the rule was exercised: some windows cut a box to under half
+    assert with_box >= 0.4 * 3 * len(ds)  # random windows alone would hit a box ~15 % of the time
+    small = detdata.WindowDataset([_scene([[2, 2, 10, 10]], 40, 50)], 64, 0.0, 1.0)
+    x, bx, _ = small[0]
+    assert len(small) == 1 and x.shape == (1, 64, 64) and int((x > 0).sum()) == 64  # 8 x 8
+    assert bx.round().tolist() in ([[2, 2, 10, 10]], [[54, 2, 62, 10]], [[2, 54, 10, 62]],
+                                   [[54, 54, 62, 62]])  # fmt: skip (flips take the padding along)
+    x0, y0, x1, y1 = bx.round().long()[0].tolist()
+    assert int((x[0, y0:y1, x0:x1] > 0).sum()) == 64
+
+
+def test_whole_scene_prediction_through_overlapping_windows():
+    """An oracle that boxes each window's bright blobs, cut ones included: the scene's
+    detections are each target once, whole, in the file's pixels (the cached scene is at
+    half scale), so mAP is 1; boxes cut by inner window edges never reach the result."""
+    from scipy import ndimage
+
+    from sarkit.tasks import detdata
+    from sarkit.tasks.detect import measure
+
+    class Blobs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            out = []
+            for im in images:
+                lab, n = ndimage.label(im[0].numpy() > 0.1)
+                found = [[s[1].start, s[0].start, s[1].stop, s[0].stop]
+                         for s in ndimage.find_objects(lab)]  # fmt: skip
+                b = torch.tensor(found, dtype=torch.float32).reshape(-1, 4)
+                out.append({"boxes": b, "labels": torch.ones(n, dtype=torch.long),
+                            "scores": torch.full((n,), 0.9)})  # fmt: skip
+            return out
+
+    # targets across the windows' seams (64 px windows, 48 px apart: seams at 48, 64, 96, ...)
+    boxes = [[40, 40, 60, 56], [90, 10, 110, 30], [200, 150, 230, 170], [5, 170, 25, 195]]
+    c = _scene(boxes)
+    c.width, c.height = 600, 400  # the file is twice the cached scene
+    c.item.boxes *= 2
+    scenes = detdata.SceneSet([c], 64, 0.0, 1.0)
+    found, dets = measure(Blobs(), scenes, ["ship"], batch_size=5)
+    got = sorted(dets[0]["boxes"].round().astype(int).tolist())
+    assert got == sorted([[2 * v for v in b] for b in boxes])
+    assert found["metrics"]["map50"] == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------ real data, CLI
 
 
@@ -188,6 +278,35 @@ def voc_folder(coco: Path, dest: Path) -> Path:
     (dest / "ImageSets" / "Main" / "train.txt").write_text("\n".join(stems[:4]) + "\n")
     (dest / "ImageSets" / "Main" / "val.txt").write_text("\n".join(stems[4:]) + "\n")
     return dest
+
+
+def test_hrsid_tiled_windows_train_and_eval_whole_scenes(cli, tmp_path):
+    """--tile: training windows of real HRSID scenes, and the held-out scene measured whole
+    (its eval equal to the run's last, boxes in the scene's 800 px frame); the tile is the
+    run's, so eval reads it back."""
+    coco = hrsid_coco(cli, tmp_path / "hrsid", n=4)
+    run = tmp_path / "tiled"
+    proc = cli("finetune", "detect", "--data", coco, "-o", run, *TINY, "--head", "fcos",
+               "--tile", "200", "--max-steps", "2", "--fpn-channels", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "(200px windows)" in proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"]["tile"] == 200
+    rows = eval_rows(run)
+    proc = cli("eval", "detect", run, "--data", coco, "--score-threshold", "0.0", "--drawn", "1")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["metrics"]["map50"] == pytest.approx(float(rows[-1]["map50"]), abs=1e-5)
+    drawn = list((run / "eval").glob("boxes_*.png"))
+    assert len(drawn) == 1 and Image.open(drawn[0]).size == (800, 800)
+    counts = json.loads((run / "eval" / "detect_counts.json").read_text())
+    truth = json.loads(coco.read_text())
+    stem = Path(json.loads((run / "split.json").read_text())["val"][0]).stem
+    iid = next(i["id"] for i in truth["images"] if Path(i["file_name"]).stem == stem)
+    ships = sum(1 for a in truth["annotations"] if a["image_id"] == iid)
+    assert counts["found"] + counts["missed"] == ships  # every ship of the whole scene counted
+    proc = cli("finetune", "detect", "--data", coco, "-o", tmp_path / "bad", *TINY, "--tile", "8")
+    assert proc.returncode == 2 and "window of at least 16 px" in proc.stderr
 
 
 @pytest.mark.parametrize("head", ["retinanet", "fcos"])

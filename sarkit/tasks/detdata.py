@@ -294,17 +294,28 @@ def load(data: str, categories: list[str] | None = None) -> DetData:
 
 @dataclass
 class Cached:
-    """An item with its image read once and resized to the model's square input."""
+    """An item with its image read once: resized to the model's square input, or with
+    ``--tile`` scaled by size / tile and kept whole (windows are cut from it)."""
 
     item: Item
-    image: torch.Tensor  # (size, size) uint8
+    image: torch.Tensor  # (size, size) uint8, or (H', W') when tiled
     width: int  # the file's size, the frame of item.boxes
     height: int
 
+    def boxes_here(self) -> torch.Tensor:
+        """The trained-on boxes in the cached image's frame."""
+        boxes = torch.from_numpy(self.item.boxes[~self.item.crowd].copy())
+        boxes[:, 0::2] *= self.image.shape[1] / self.width
+        boxes[:, 1::2] *= self.image.shape[0] / self.height
+        return boxes
 
-def read_images(items: list[Item], size: int, what: str) -> tuple[list[Cached], list[str]]:
-    """Read and resize every item; unreadable files or a declared size other than the file's
-    are skipped (returned as reasons)."""
+
+def read_images(
+    items: list[Item], size: int, what: str, tile: int = 0
+) -> tuple[list[Cached], list[str]]:
+    """Read and resize every item (``tile`` > 0: scale it by size / tile, aspect kept);
+    unreadable files or a declared size other than the file's are skipped (returned as
+    reasons)."""
     from sarkit.raster.tileread import read_u8
 
     out, bad = [], []
@@ -328,8 +339,11 @@ def read_images(items: list[Item], size: int, what: str) -> tuple[list[Cached], 
             item.boxes[:, 2] = np.minimum(item.boxes[:, 2], w)
             item.boxes[:, 3] = np.minimum(item.boxes[:, 3], h)
         t = torch.from_numpy(gray).float()[None, None]
-        if (h, w) != (size, size):
-            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+        shape = (size, size)
+        if tile:
+            shape = (max(1, round(h * size / tile)), max(1, round(w * size / tile)))
+        if (h, w) != shape:
+            t = F.interpolate(t, size=shape, mode="bilinear", antialias=True)
         out.append(Cached(item, t[0, 0].round().clamp(0, 255).to(torch.uint8), w, h))
     return out, bad
 
@@ -357,21 +371,90 @@ class BoxDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         c = self.cached[index]
-        keep = ~c.item.crowd
-        boxes = torch.from_numpy(c.item.boxes[keep].copy())
-        boxes[:, 0::2] *= self.size / c.width
-        boxes[:, 1::2] *= self.size / c.height
+        boxes = c.boxes_here()
+        labels = torch.from_numpy(c.item.labels[~c.item.crowd].copy())
         x = c.image.float().div(255.0)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            if rng.random() < 0.5:
-                x = x.flip(-1)
-                boxes[:, [0, 2]] = self.size - boxes[:, [2, 0]]
-            if rng.random() < 0.5:
-                x = x.flip(-2)
-                boxes[:, [1, 3]] = self.size - boxes[:, [3, 1]]
-        x = ((x - self.mean) / self.std)[None].contiguous()
-        return x, boxes, torch.from_numpy(c.item.labels[keep].copy())
+            x, boxes = _flips(x, boxes, rng)
+        return ((x - self.mean) / self.std)[None].contiguous(), boxes, labels
+
+
+def _flips(x: torch.Tensor, boxes: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical flips, each at even odds, boxes along."""
+    h, w = x.shape
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+        boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+    if rng.random() < 0.5:
+        x = x.flip(-2)
+        boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
+    return x, boxes
+
+
+def window(c: Cached, top: int, left: int, size: int) -> torch.Tensor:
+    """The size x size window of a cached image at (top, left), [0, 1], zero beyond it."""
+    x = torch.zeros(size, size)
+    part = c.image[top : top + size, left : left + size].float().div(255.0)
+    x[: part.shape[0], : part.shape[1]] = part
+    return x
+
+
+VISIBLE = 0.5  # a box cut by a training window is kept when this share of it is inside
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Training windows of `size` (``--tile`` pixels of the scene, scaled) cut from cached
+    scenes: as many per epoch as cover each scene. Ships are sparse (HRSID: 2 in an
+    800 x 800 scene), so half the windows are placed around a random box of the scene and
+    the other half anywhere; a box cut by the window is kept (clipped) when at least half
+    of it is inside, else dropped. Flips as BoxDataset; draws from (seed, epoch, index)."""
+
+    def __init__(self, cached: list[Cached], size: int, mean: float, std: float, seed: int = 0):
+        self.cached, self.size, self.mean, self.std = cached, size, mean, std
+        self.seed, self.epoch = seed, 0
+        self.per_image = [
+            math.ceil(c.image.shape[0] / size) * math.ceil(c.image.shape[1] / size) for c in cached
+        ]
+        self.index = [(i, k) for i, n in enumerate(self.per_image) for k in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int):
+        c = self.cached[self.index[index][0]]
+        boxes = c.boxes_here()
+        labels = torch.from_numpy(c.item.labels[~c.item.crowd].copy())
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        h, w = c.image.shape
+        s = self.size
+        if len(boxes) and rng.random() < 0.5:  # around a box: its centre anywhere inside
+            x0, y0, x1, y1 = boxes[int(rng.integers(len(boxes)))].tolist()
+            top = int((y0 + y1) / 2 - rng.random() * s)
+            left = int((x0 + x1) / 2 - rng.random() * s)
+        else:
+            top = int(rng.integers(0, max(h - s, 0) + 1))
+            left = int(rng.integers(0, max(w - s, 0) + 1))
+        top, left = min(max(top, 0), max(h - s, 0)), min(max(left, 0), max(w - s, 0))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+        boxes = boxes.clamp(min=0, max=s)
+        inside = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = (inside >= VISIBLE * area) & (inside > 0)
+        x, boxes = _flips(window(c, top, left, s), boxes[keep], rng)
+        return ((x - self.mean) / self.std)[None].contiguous(), boxes, labels[keep]
+
+
+class SceneSet:
+    """Held-out scenes measured whole through overlapping windows (``--tile``): what
+    detect.predict reads instead of a BoxDataset."""
+
+    def __init__(self, cached: list[Cached], size: int, mean: float, std: float):
+        self.cached, self.size, self.mean, self.std = cached, size, mean, std
+        self.overlap = size // 4  # a target up to this long lies whole in some window
 
 
 def collate(batch) -> dict[str, torch.Tensor]:

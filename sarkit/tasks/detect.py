@@ -52,6 +52,22 @@ def _channels(text: object) -> int:
 _channels.__name__ = "INTEGER"
 
 
+def _tile(text: object) -> int:
+    """--tile: 0 or a window side of at least 16 px, checked at parse time (exit 2)."""
+    import typer
+
+    try:
+        value = int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"'{text}' is not a whole number") from None
+    if value != 0 and value < 16:
+        raise typer.BadParameter(f"{value}: 0 (whole images) or a window of at least 16 px")
+    return value
+
+
+_tile.__name__ = "INTEGER"
+
+
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's pyramid from the ViT's last map: {p2, p3, p4, p5, pool} with `channels` each."""
 
@@ -182,10 +198,12 @@ class Detector(nn.Module):
 @torch.no_grad()
 def predict(model: Detector, dataset: Any, batch_size: int = 8, dtype=torch.float32) -> list[dict]:
     """Detections per item, in the item's own pixels (boxes, labels, scores as numpy)."""
-    from sarkit.tasks.detdata import collate
+    from sarkit.tasks.detdata import SceneSet, collate
 
     device = next(model.parameters()).device
     model.eval()
+    if isinstance(dataset, SceneSet):
+        return [predict_scene(model, c, dataset, batch_size, dtype) for c in dataset.cached]
     out = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     autocast = dtype != torch.float32
@@ -200,6 +218,56 @@ def predict(model: Detector, dataset: Any, batch_size: int = 8, dtype=torch.floa
             out.append({"boxes": boxes, "labels": d["labels"].cpu().numpy(),
                         "scores": d["scores"].float().cpu().numpy()})  # fmt: skip
     return out
+
+
+EDGE = 2.0  # px: a box this near a window's inner edge is cut by it (a neighbour holds it whole)
+
+
+@torch.no_grad()
+def predict_scene(model: Detector, c: Any, scenes: Any, batch_size: int, dtype) -> dict:
+    """Detections of one whole scene from overlapping windows: boxes touching a window edge
+    inside the scene are dropped (the overlap holds them whole in a neighbour), the rest
+    merged by per-class NMS at IoU 0.5, the 100 best kept, in the file's pixels."""
+    from torchvision.ops import batched_nms
+
+    from sarkit.tasks.detdata import window
+    from sarkit.tasks.segdata import windows
+
+    device = next(model.parameters()).device
+    h, w = c.image.shape
+    s, stride = scenes.size, scenes.size - scenes.overlap
+    spots = [(t, left) for t in windows(h, s, stride) for left in windows(w, s, stride)]
+    boxes, labels, scores = [], [], []
+    autocast = dtype != torch.float32
+    for i in range(0, len(spots), batch_size):
+        part = spots[i : i + batch_size]
+        x = torch.stack([((window(c, t, left, s) - scenes.mean) / scenes.std)[None]
+                         for t, left in part])  # fmt: skip
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            found = model(x.to(device))
+        for (t, left), d in zip(part, found, strict=True):
+            b = d["boxes"].float().cpu()
+            inner = torch.zeros(len(b), dtype=torch.bool)
+            if left > 0:
+                inner |= b[:, 0] < EDGE
+            if t > 0:
+                inner |= b[:, 1] < EDGE
+            if left + s < w:
+                inner |= b[:, 2] > s - EDGE
+            if t + s < h:
+                inner |= b[:, 3] > s - EDGE
+            keep = ~inner
+            boxes.append(b[keep] + torch.tensor([left, t, left, t], dtype=torch.float32))
+            labels.append(d["labels"].cpu()[keep])
+            scores.append(d["scores"].float().cpu()[keep])
+    b, lb, sc = torch.cat(boxes), torch.cat(labels), torch.cat(scores)
+    b[:, 0::2] = b[:, 0::2].clamp(0, w)
+    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    kept = batched_nms(b, sc, lb, 0.5)[:100]
+    b = b[kept].numpy().copy()
+    b[:, 0::2] *= c.width / w
+    b[:, 1::2] *= c.height / h
+    return {"boxes": b, "labels": lb[kept].numpy(), "scores": sc[kept].numpy()}
 
 
 def truths_of(cached: list) -> list[dict]:
@@ -300,6 +368,18 @@ def _untrained_vit(spec: Any) -> nn.Module:
         return build_backbone(spec, None)
 
 
+def scene_sets(train: list, held: list, size: int, spec: Any, tile: int, seed: int = 0):
+    """(training set, held-out set): whole resized images, or with ``tile`` windows to train
+    on and whole scenes to measure."""
+    from sarkit.tasks import detdata
+
+    if tile:
+        return (detdata.WindowDataset(train, size, spec.mean, spec.std, seed),
+                detdata.SceneSet(held, size, spec.mean, spec.std))  # fmt: skip
+    return (detdata.BoxDataset(train, size, spec.mean, spec.std, True, seed),
+            detdata.BoxDataset(held, size, spec.mean, spec.std, False))  # fmt: skip
+
+
 class DetectHead:
     """`sarkit finetune detect` / `sarkit eval detect`."""
 
@@ -332,6 +412,16 @@ class DetectHead:
             "(4 as torchvision's COCO models; 2 for ships of a few pixels).",
             4.0,
             POSITIVE,
+        ),
+        HeadOption(
+            "--tile",
+            "Scene pixels per window: train on windows of TILE x TILE (resized to "
+            "--image-size; half placed around a box), measure whole scenes through "
+            "overlapping windows. For targets of a few pixels in large scenes (HRSID: "
+            "ships of about 30 px in 800 px). 0: each image resized whole.",
+            0,
+            _tile,
+            modes=("finetune",),
         ),
         HeadOption(
             "--layer-decay",
@@ -368,13 +458,14 @@ class DetectHead:
             raise SarkitError(f"--data {options.data}: no usable image"
                               + (f" ({data.skipped[0]})" if data.skipped else ""))  # fmt: skip
         size = spec.image_size
-        cached, bad = detdata.read_images(data.items, size, str(options.data))
+        tile = int(extra.get("tile") or 0)
+        cached, bad = detdata.read_images(data.items, size, str(options.data), tile)
         detdata.report(str(options.data), bad)
         by_name = {c.item.name: c for c in cached}
         if options.val_data:
             held = detdata.load(options.val_data, data.categories)
             detdata.report(str(options.val_data), held.skipped)
-            va_cached, bad = detdata.read_images(held.items, size, str(options.val_data))
+            va_cached, bad = detdata.read_images(held.items, size, str(options.val_data), tile)
             detdata.report(str(options.val_data), bad)
             tr_cached, how = cached, "given (--val-data)"
         elif data.split is not None:
@@ -410,8 +501,7 @@ class DetectHead:
         decay = extra.get("layer_decay")
         if decay is None:
             decay = 1.0 if spec.provenance["kind"] == "random" else 0.7
-        dataset = detdata.BoxDataset(tr_cached, size, spec.mean, spec.std, True, options.seed)
-        held_set = detdata.BoxDataset(va_cached, size, spec.mean, spec.std, False)
+        dataset, held_set = scene_sets(tr_cached, va_cached, size, spec, tile, options.seed)
         classes = data.categories
 
         def held_out(module: nn.Module) -> dict[str, float]:
@@ -428,7 +518,9 @@ class DetectHead:
         n_boxes = sum(len(c.item.boxes) for c in tr_cached)
         log.info(
             f"detect: {len(tr_cached)} train ({n_boxes} boxes) / {len(va_cached)} held-out "
-            f"images ({how}), classes {classes}, {head} on {spec.timm_name} @ {size}px, "
+            f"images ({how}), classes {classes}, {head} on {spec.timm_name} @ {size}px"
+            + (f" ({tile}px windows)" if tile else "")
+            + ", "
             f"init {spec.provenance['kind']}"
         )
         config = {
@@ -436,7 +528,7 @@ class DetectHead:
             "vision": spec.to_dict(),
             "head": {"kind": head, "classes": classes, "fpn_channels": channels,
                      "anchor_scale": anchor_scale, "layer_decay": decay, "data_kind": data.kind,
-                     "data": str(Path(options.data).resolve())},
+                     "tile": tile, "data": str(Path(options.data).resolve())},
         }  # fmt: skip
         split = Split([str(c.item.path) for c in tr_cached], [str(c.item.path) for c in va_cached],
                       how, options.seed)  # fmt: skip
@@ -468,7 +560,8 @@ class DetectHead:
             how = data.split[2]
         else:
             items, how = data.items, "every image"
-        cached, bad = detdata.read_images(items, spec.image_size, str(source))
+        tile = int(head.get("tile", 0))
+        cached, bad = detdata.read_images(items, spec.image_size, str(source), tile)
         detdata.report(str(source), bad)
         if not cached:
             raise SarkitError(f"--data {source}: no usable image to measure")
@@ -476,7 +569,7 @@ class DetectHead:
         shape = (int(head["fpn_channels"]), float(head.get("anchor_scale", 4.0)))
         model = Detector(_untrained_vit(spec), head["kind"], len(classes), spec.image_size, *shape)
         load_weights(model, runfolder.weights_path(run, options.weights))
-        dataset = detdata.BoxDataset(cached, spec.image_size, spec.mean, spec.std, False)
+        dataset = scene_sets([], cached, spec.image_size, spec, tile)[1]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             options.precision, torch.float32
         )

@@ -219,11 +219,12 @@ def collate(batch):
     }
 
 
-def windows(length: int, tile: int) -> list[int]:
-    """Tile starts covering 0..length (the last one flush with the end)."""
+def windows(length: int, tile: int, stride: int | None = None) -> list[int]:
+    """Tile starts covering 0..length, `stride` apart (default: `tile`, no overlap), the
+    last one flush with the end."""
     if tile >= length:
         return [0]
-    starts = list(range(0, length - tile + 1, tile))
+    starts = list(range(0, length - tile + 1, stride or tile))
     if starts[-1] + tile < length:
         starts.append(length - tile)
     return starts
