@@ -155,8 +155,12 @@ def test_training_windows_hold_their_boxes_pixels():
     small = detdata.WindowDataset([_scene([[2, 2, 10, 10]], 40, 50)], 64, 0.0, 1.0)
     x, bx, _ = small[0]
     assert len(small) == 1 and x.shape == (1, 64, 64) and int((x > 0).sum()) == 64  # 8 x 8
-    assert bx.round().tolist() in ([[2, 2, 10, 10]], [[54, 2, 62, 10]], [[2, 54, 10, 62]],
-                                   [[54, 54, 62, 62]])  # fmt: skip (flips take the padding along)
+    assert bx.round().tolist() in (
+        [[2, 2, 10, 10]],
+        [[54, 2, 62, 10]],
+        [[2, 54, 10, 62]],
+        [[54, 54, 62, 62]],
+    )  # fmt: skip (flips take the padding along)
     x0, y0, x1, y1 = bx.round().long()[0].tolist()
     assert int((x[0, y0:y1, x0:x1] > 0).sum()) == 64
 
