@@ -167,16 +167,25 @@ def class_labels(items, palette: Palette | None, ignore: int | None, n: int | No
     return [v for v in found if v != ignore]
 
 
+RARE_SAMPLE = 4096  # pixels kept per minority class and image to centre windows on
+
+
 class TileDataset(torch.utils.data.Dataset):
     """Random TILE x TILE crops of the cached images (flipped at random), resized to
-    ``size`` (masks by nearest neighbour); an epoch draws as many tiles as cover the images."""
+    ``size`` (masks by nearest neighbour); an epoch draws as many tiles as cover the images.
+    ``rare`` of the windows are centred (up to the image edge) on a pixel of a class other
+    than the image's most common one, the class drawn at even odds among those it holds:
+    ships are 0.13 % of HRSID's pixels, so random windows rarely show one."""
 
-    def __init__(self, images, masks, tile: int, size: int, mean: float, std: float, seed: int):
+    def __init__(self, images, masks, tile: int, size: int, mean: float, std: float, seed: int,
+                 rare: float = 0.0):  # fmt: skip
         self.images, self.masks = images, masks
         self.tile, self.size, self.mean, self.std, self.seed = tile, size, mean, std, seed
         h, w = images[0].shape
         self.per_image = math.ceil(h / min(tile, h)) * math.ceil(w / min(tile, w))
         self.epoch = 0
+        self.rare = float(rare)
+        self.minority = [_minority_pixels(m, seed) for m in masks] if rare > 0 else []
 
     def __len__(self) -> int:
         return len(self.images) * self.per_image
@@ -191,11 +200,32 @@ class TileDataset(torch.utils.data.Dataset):
         th, tw = min(self.tile, h), min(self.tile, w)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         top, left = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
+        if self.rare and self.minority[i] and rng.random() < self.rare:
+            pixels = self.minority[i][int(rng.integers(len(self.minority[i])))]
+            y, x0 = divmod(int(pixels[int(rng.integers(len(pixels)))]), w)
+            top = min(max(y - th // 2, 0), h - th)
+            left = min(max(x0 - tw // 2, 0), w - tw)
         x = image[top : top + th, left : left + tw]
         y = mask[top : top + th, left : left + tw]
         if rng.random() < 0.5:
             x, y = x[:, ::-1], y[:, ::-1]
         return to_input(x, self.size, self.mean, self.std), to_target(y, self.size)
+
+
+def _minority_pixels(mask: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Flat indices (a seeded sample of at most RARE_SAMPLE) of each class of `mask` but its
+    most common one, ignored pixels left out."""
+    values, counts = np.unique(mask[mask != IGNORE], return_counts=True)
+    if len(values) < 2:
+        return []
+    rng = np.random.default_rng([seed, int(mask.size)])
+    out = []
+    for v in values[np.argsort(-counts)][1:]:
+        where = np.flatnonzero(mask == v).astype(np.int64)
+        if len(where) > RARE_SAMPLE:
+            where = rng.choice(where, RARE_SAMPLE, replace=False)
+        out.append(where)
+    return out
 
 
 def to_input(x: np.ndarray, size: int, mean: float, std: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from sarkit import log
 from sarkit.errors import SarkitError
 from sarkit.hookspecs import HeadOption
+from sarkit.ranges import FRACTION
 from sarkit.tasks import EvalResult, Prepared, Split
 from sarkit.tasks.segdata import IGNORE
 
@@ -204,6 +205,13 @@ class SegmentHead:
             False,
             bool,
         ),
+        HeadOption(
+            "--rare-windows",
+            "Share of training windows centred on a pixel of a class other than the "
+            "image's most common one (ships among sea); 0: windows anywhere.",
+            0.0,
+            FRACTION,
+        ),
         HeadOption("--overlays", "Overlay PNGs written by eval.", 4, int, modes=("eval",)),
     )
 
@@ -253,7 +261,14 @@ class SegmentHead:
         weights = balance_weights(tr_masks, len(labels)) if extra.get("balance") else None
         model = Segmenter(backbone, len(labels), layers, weights)
         dataset = segdata.TileDataset(
-            tr_images, tr_masks, tile, spec.image_size, spec.mean, spec.std, options.seed
+            tr_images,
+            tr_masks,
+            tile,
+            spec.image_size,
+            spec.mean,
+            spec.std,
+            options.seed,
+            rare=float(extra.get("rare_windows") or 0.0),
         )
         size, mean, std = spec.image_size, spec.mean, spec.std
 
@@ -278,7 +293,8 @@ class SegmentHead:
             "vision": spec.to_dict(),
             "head": {"labels": labels, "classes": names, "ignore_index": ignore,
                      "palette": extra.get("palette"), "tile": tile, "decoder_layers": layers,
-                     "class_weights": None if weights is None else weights.tolist()},
+                     "class_weights": None if weights is None else weights.tolist(),
+                     "rare_windows": float(extra.get("rare_windows") or 0.0)},
         }  # fmt: skip
         return Prepared(
             task, dataset, segdata.collate, Split(tr_names, va_names, how, options.seed), config
