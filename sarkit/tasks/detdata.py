@@ -302,12 +302,13 @@ class Cached:
     width: int  # the file's size, the frame of item.boxes
     height: int
 
-    def boxes_here(self) -> torch.Tensor:
-        """The trained-on boxes in the cached image's frame."""
-        boxes = torch.from_numpy(self.item.boxes[~self.item.crowd].copy())
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes in the cached image's frame, labels) of the trained-on (non-crowd) boxes."""
+        keep = ~self.item.crowd
+        boxes = torch.from_numpy(self.item.boxes[keep].copy())
         boxes[:, 0::2] *= self.image.shape[1] / self.width
         boxes[:, 1::2] *= self.image.shape[0] / self.height
-        return boxes
+        return boxes, torch.from_numpy(self.item.labels[keep].copy())
 
 
 def read_images(
@@ -371,8 +372,7 @@ class BoxDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         c = self.cached[index]
-        boxes = c.boxes_here()
-        labels = torch.from_numpy(c.item.labels[~c.item.crowd].copy())
+        boxes, labels = c.targets()
         x = c.image.float().div(255.0)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -426,8 +426,7 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         c = self.cached[self.index[index][0]]
-        boxes = c.boxes_here()
-        labels = torch.from_numpy(c.item.labels[~c.item.crowd].copy())
+        boxes, labels = c.targets()
         rng = np.random.default_rng([self.seed, self.epoch, index])
         h, w = c.image.shape
         s = self.size

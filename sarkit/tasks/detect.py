@@ -368,16 +368,22 @@ def _untrained_vit(spec: Any) -> nn.Module:
         return build_backbone(spec, None)
 
 
-def scene_sets(train: list, held: list, size: int, spec: Any, tile: int, seed: int = 0):
-    """(training set, held-out set): whole resized images, or with ``tile`` windows to train
-    on and whole scenes to measure."""
+def training_set(cached: list, size: int, spec: Any, tile: int, seed: int) -> Any:
+    """Whole resized images, or with ``tile`` windows cut from the scenes."""
     from sarkit.tasks import detdata
 
     if tile:
-        return (detdata.WindowDataset(train, size, spec.mean, spec.std, seed),
-                detdata.SceneSet(held, size, spec.mean, spec.std))  # fmt: skip
-    return (detdata.BoxDataset(train, size, spec.mean, spec.std, True, seed),
-            detdata.BoxDataset(held, size, spec.mean, spec.std, False))  # fmt: skip
+        return detdata.WindowDataset(cached, size, spec.mean, spec.std, seed)
+    return detdata.BoxDataset(cached, size, spec.mean, spec.std, True, seed)
+
+
+def held_set(cached: list, size: int, spec: Any, tile: int) -> Any:
+    """Whole resized images, or with ``tile`` whole scenes measured through windows."""
+    from sarkit.tasks import detdata
+
+    if tile:
+        return detdata.SceneSet(cached, size, spec.mean, spec.std)
+    return detdata.BoxDataset(cached, size, spec.mean, spec.std, False)
 
 
 class DetectHead:
@@ -501,11 +507,12 @@ class DetectHead:
         decay = extra.get("layer_decay")
         if decay is None:
             decay = 1.0 if spec.provenance["kind"] == "random" else 0.7
-        dataset, held_set = scene_sets(tr_cached, va_cached, size, spec, tile, options.seed)
+        dataset = training_set(tr_cached, size, spec, tile, options.seed)
+        measured = held_set(va_cached, size, spec, tile)
         classes = data.categories
 
         def held_out(module: nn.Module) -> dict[str, float]:
-            return measure(module, held_set, classes, max(options.batch_size, 8))[0]["metrics"]
+            return measure(module, measured, classes, max(options.batch_size, 8))[0]["metrics"]
 
         task = HeadTask(
             model,
@@ -569,7 +576,7 @@ class DetectHead:
         shape = (int(head["fpn_channels"]), float(head.get("anchor_scale", 4.0)))
         model = Detector(_untrained_vit(spec), head["kind"], len(classes), spec.image_size, *shape)
         load_weights(model, runfolder.weights_path(run, options.weights))
-        dataset = scene_sets([], cached, spec.image_size, spec, tile)[1]
+        dataset = held_set(cached, spec.image_size, spec, tile)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             options.precision, torch.float32
         )

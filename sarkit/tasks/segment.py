@@ -260,6 +260,7 @@ class SegmentHead:
         backbone = build_backbone(spec, weights, options.drop_path)
         layers = int(extra.get("decoder_layers") or 2)
         weights = balance_weights(tr_masks, len(labels)) if extra.get("balance") else None
+        rare = float(extra.get("rare_windows") or 0.0)
         model = Segmenter(backbone, len(labels), layers, weights)
         dataset = segdata.TileDataset(
             tr_images,
@@ -269,7 +270,7 @@ class SegmentHead:
             spec.mean,
             spec.std,
             options.seed,
-            rare=float(extra.get("rare_windows") or 0.0),
+            rare=rare,
         )
         size, mean, std = spec.image_size, spec.mean, spec.std
 
@@ -295,7 +296,7 @@ class SegmentHead:
             "head": {"labels": labels, "classes": names, "ignore_index": ignore,
                      "palette": extra.get("palette"), "tile": tile, "decoder_layers": layers,
                      "class_weights": None if weights is None else weights.tolist(),
-                     "rare_windows": float(extra.get("rare_windows") or 0.0)},
+                     "rare_windows": rare},
         }  # fmt: skip
         return Prepared(
             task, dataset, segdata.collate, Split(tr_names, va_names, how, options.seed), config
