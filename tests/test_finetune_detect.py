@@ -284,11 +284,14 @@ def voc_folder(coco: Path, dest: Path) -> Path:
     return dest
 
 
-def test_hrsid_tiled_windows_train_and_eval_whole_scenes(cli, tmp_path):
+def test_hrsid_tiled_windows_train_and_eval_whole_scenes(cli, tmp_path, monkeypatch):
     """--tile: training windows of real HRSID scenes, and the held-out scene measured whole
     (its eval equal to the run's last, boxes in the scene's 800 px frame); the tile is the
-    run's, so eval reads it back."""
-    coco = hrsid_coco(cli, tmp_path / "hrsid", n=4)
+    run's, so eval reads it back. Trained with a relative --data, the run's own held-out
+    split is found again by `eval detect RUN` from another folder."""
+    hrsid_coco(cli, tmp_path / "hrsid", n=4)
+    monkeypatch.chdir(tmp_path / "hrsid")
+    coco = Path("hrsid.coco.json")
     run = tmp_path / "tiled"
     proc = cli("finetune", "detect", "--data", coco, "-o", run, *TINY, "--head", "fcos",
                "--tile", "200", "--max-steps", "2", "--fpn-channels", "64")  # fmt: skip
@@ -297,8 +300,11 @@ def test_hrsid_tiled_windows_train_and_eval_whole_scenes(cli, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["head"]["tile"] == 200
     rows = eval_rows(run)
-    proc = cli("eval", "detect", run, "--data", coco, "--score-threshold", "0.0", "--drawn", "1")
+    monkeypatch.chdir(tmp_path)
+    proc = cli("eval", "detect", run, "--score-threshold", "0.0", "--drawn", "1")
     assert proc.returncode == 0, proc.stderr
+    assert "1 images of" in proc.stderr and "the run's held-out split" in proc.stderr
+    coco = tmp_path / "hrsid" / "hrsid.coco.json"
     record = json.loads(proc.stdout)
     assert record["metrics"]["map50"] == pytest.approx(float(rows[-1]["map50"]), abs=1e-5)
     drawn = list((run / "eval").glob("boxes_*.png"))

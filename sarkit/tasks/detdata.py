@@ -110,7 +110,7 @@ def read_coco(path: Path, categories: list[str] | None = None) -> DetData:
     for cid, name in cats:
         if name in names:
             label_of[cid] = names.index(name) + 1
-    base = Path(path).parent
+    base = Path(path).resolve().parent  # absolute: the run's split names files from any cwd
     by_id: dict[int, dict] = {}
     for k, entry in enumerate(entries):
         try:
@@ -220,7 +220,7 @@ def _voc_split(root: Path) -> tuple[list[str], list[str], str] | None:
 
 def read_voc(root: Path, categories: list[str] | None = None) -> DetData:
     """A VOC folder; classes in order of first appearance unless `categories` fixes them."""
-    root = Path(root)
+    root = Path(root).resolve()  # absolute: the run's split names files from any cwd
     files = sorted((root / "Annotations").glob("*.xml"))
     if not files:
         raise SarkitError(f"{root}/Annotations: no .xml files")
