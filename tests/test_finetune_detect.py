@@ -315,6 +315,7 @@ def test_hrsid_tiled_windows_train_and_eval_whole_scenes(cli, tmp_path, monkeypa
     iid = next(i["id"] for i in truth["images"] if Path(i["file_name"]).stem == stem)
     ships = sum(1 for a in truth["annotations"] if a["image_id"] == iid)
     assert counts["found"] + counts["missed"] == ships  # every ship of the whole scene counted
+    assert counts["score_threshold"] == 0.0 and "at score >= 0: " in proc.stderr
     proc = cli("finetune", "detect", "--data", coco, "-o", tmp_path / "bad", *TINY, "--tile", "8")
     assert proc.returncode == 2 and "window of at least 16 px" in proc.stderr
 

@@ -581,7 +581,8 @@ class DetectHead:
             options.precision, torch.float32
         )
         found, detections = measure(model, dataset, classes, options.batch_size, dtype)
-        threshold = float(options.extra.get("score_threshold") or 0.5)
+        given = options.extra.get("score_threshold")
+        threshold = 0.5 if given is None else float(given)  # 0 is a threshold, not "unset"
         truths = truths_of(cached)
         counts = np.zeros(3, int)
         matched = []
