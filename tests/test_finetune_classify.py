@@ -487,14 +487,51 @@ def test_range_stretch_scales_rows_only_on_a_real_chip():
         ChipDataset([chip], [0], 88, 0.6875, 0.0, 1.0, train=True, stretch=1.0)
 
 
+def test_gain_jitter_scales_pixels_only_on_a_real_chip():
+    """`--gain-jitter`: a training view is the plain view (same crop, same flip) times one
+    factor drawn from [1-g, 1+g] after the other draws; evaluation views are untouched."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sarkit.tasks.images import ChipDataset
+
+    path = sorted((shared("mstar") / "train" / "0").iterdir())[0]
+    chip = np.asarray(Image.open(path).convert("L"))
+    g = 0.3
+    mean, std = 0.1, 0.09
+    jittered = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, mean, std, train=True, gain=g)
+    plain = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, mean, std, train=True)
+    factors = []
+    for i in range(40):
+        rng = np.random.default_rng([0, 0, i])
+        rng.integers(0, 41), rng.integers(0, 41), rng.random()  # top, left, flip
+        factor = 1.0 + g * (2.0 * float(rng.random()) - 1.0)
+        got = jittered[i][0] * std + mean  # back to [0, 1] pixels
+        want = plain[i][0] * std + mean
+        assert torch.allclose(got, want * factor, atol=1e-5)
+        factors.append(factor)
+    assert min(factors) < 0.8 and max(factors) > 1.2  # factors near both ends were drawn
+    held = ChipDataset([chip], [0], 88, 0.6875, mean, std, train=False, gain=g)
+    crop = torch.from_numpy(chip[20:108, 20:108].copy()).float() / 255
+    assert torch.allclose(held[0][0][0] * std + mean, crop, atol=1e-6)
+    with pytest.raises(ValueError, match="gain jitter"):
+        ChipDataset([chip], [0], 88, 0.6875, mean, std, train=True, gain=1.0)
+
+
 def test_range_stretch_option_trains_and_is_recorded(cli, tmp_path):
     data = mstar_folders(tmp_path / "data", train=3, val=2)
     run = tmp_path / "run"
     proc = cli("finetune", "classify", "--data", data, *TINY, "--epochs", "1",
-               "--range-stretch", "0.15", "--center-crop", "0.6875", "-o", run)  # fmt: skip
+               "--range-stretch", "0.15", "--gain-jitter", "0.3", "--center-crop", "0.6875",
+               "-o", run)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     config = json.loads((run / "config.json").read_text())
     assert config["options"]["extra"]["range_stretch"] == 0.15
+    assert config["options"]["extra"]["gain_jitter"] == 0.3
     proc = cli("finetune", "classify", "--data", data, *TINY, "--range-stretch", "1", "-o",
                tmp_path / "bad")  # fmt: skip
     assert proc.returncode == 2 and "range-stretch" in proc.stderr
+    proc = cli("finetune", "classify", "--data", data, *TINY, "--gain-jitter", "-0.1", "-o",
+               tmp_path / "bad")  # fmt: skip
+    assert proc.returncode == 2 and "gain-jitter" in proc.stderr
