@@ -2,8 +2,8 @@
 
 Class token or mean-pooled tokens (``--pool``), label smoothing, layer-wise lr decay (BEiT/
 MAE fine-tuning: 1.0 for random init, where there is nothing to keep), translation + flip
-augmentation (and a range stretch, ``--range-stretch``, and a gain jitter, ``--gain-jitter``); top-1, top-3, mean per-class
-accuracy, a confusion-matrix PNG.
+augmentation (and a range stretch, ``--range-stretch``, and a gain jitter,
+``--gain-jitter``); top-1, top-3, mean per-class accuracy, a confusion-matrix PNG.
 """
 
 from __future__ import annotations
