@@ -519,6 +519,62 @@ def test_gain_jitter_scales_pixels_only_on_a_real_chip():
         ChipDataset([chip], [0], 88, 0.6875, mean, std, train=True, gain=1.0)
 
 
+def test_chip_norm_divides_each_chip_by_its_median_on_real_chips():
+    """`--chip-norm`: every view (training and evaluation) is the chip over its own median,
+    so a darker collection of the same target gives the same view; an all-dark chip stays
+    finite."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sarkit.tasks.images import ChipDataset
+
+    root = shared("mstar")
+    chips = [
+        np.asarray(Image.open(sorted((root / s / "0").iterdir())[0]).convert("L"))
+        for s in ("train", "val")
+    ]
+    for chip in chips:
+        held = ChipDataset([chip], [0], 88, 0.6875, 1.0, 1.0, train=False, chip_norm=True)
+        crop = torch.from_numpy(chip[20:108, 20:108].copy()).float()
+        want = crop / float(np.median(chip)) - 1.0
+        assert torch.allclose(held[0][0][0], want, atol=1e-5)
+        # the same chip at 80 % of its brightness: the same view, up to the rounding of the
+        # uint8 pixels and their median (a few per cent); without the norm 20 % apart
+        darker = np.round(chip * 0.8).astype(np.uint8)
+        dark = ChipDataset([darker], [0], 88, 0.6875, 1.0, 1.0, train=False, chip_norm=True)
+        assert (dark[0][0] - held[0][0]).abs().mean() < 0.06
+        unnormed = torch.from_numpy(darker[20:108, 20:108].copy()).float() / float(np.median(chip))
+        assert (unnormed - 1.0 - held[0][0][0]).abs().mean() > 0.15
+        plain = ChipDataset([chip], [0], 88, 0.6875, 0.0, 1.0, train=False)
+        assert not torch.allclose(plain[0][0], held[0][0] + 1.0, atol=1e-3)  # it did divide
+        train = ChipDataset([chip] * 4, [0] * 4, 88, 0.6875, 1.0, 1.0, train=True, chip_norm=True)
+        plain = ChipDataset([chip] * 4, [0] * 4, 88, 0.6875, 0.0, 1.0, train=True)
+        for i in range(4):  # the same crop and flip, divided by the median
+            want = plain[i][0] * 255.0 / float(np.median(chip)) - 1.0
+            assert torch.allclose(train[i][0], want, atol=1e-5)
+    black = np.zeros((128, 128), np.uint8)
+    view = ChipDataset([black], [0], 88, 0.6875, 1.0, 1.0, train=False, chip_norm=True)[0][0]
+    assert torch.isfinite(view).all()
+
+
+def test_chip_norm_is_recorded_and_eval_applies_it(cli, tmp_path):
+    data = mstar_folders(tmp_path / "data", train=6, val=4)
+    run = tmp_path / "run"
+    proc = cli("finetune", "classify", "--data", data, *TINY, "--epochs", "2", "--chip-norm",
+               "--center-crop", "0.6875", "-o", run)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"]["chip_norm"] is True
+    assert (config["vision"]["mean"], config["vision"]["std"]) == (1.0, 1.0)
+    proc = cli("eval", "classify", run, "--data", data, "--weights", "last")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)["metrics"]
+    last = eval_rows(run)[-1]
+    for key in ("top1", "mean_class_acc"):
+        assert metrics[key] == pytest.approx(float(last[key]), abs=1e-5)
+
+
 def test_range_stretch_option_trains_and_is_recorded(cli, tmp_path):
     data = mstar_folders(tmp_path / "data", train=3, val=2)
     run = tmp_path / "run"

@@ -2,8 +2,9 @@
 
 Class token or mean-pooled tokens (``--pool``), label smoothing, layer-wise lr decay (BEiT/
 MAE fine-tuning: 1.0 for random init, where there is nothing to keep), translation + flip
-augmentation (and a range stretch, ``--range-stretch``, and a gain jitter,
-``--gain-jitter``); top-1, top-3, mean per-class accuracy, a confusion-matrix PNG.
+augmentation (a range stretch, ``--range-stretch``; a gain jitter, ``--gain-jitter``; each
+chip divided by its median, ``--chip-norm``); top-1, top-3, mean per-class accuracy, a
+confusion-matrix PNG.
 """
 
 from __future__ import annotations
@@ -153,6 +154,15 @@ class ClassifyHead:
             number_in(0, 1, hi_open=True),
             modes=("finetune",),
         ),
+        HeadOption(
+            "--chip-norm",
+            "Divide each chip by its own median (its clutter level), in training and "
+            "evaluation: brightness differences between collections cancel. Recorded in "
+            "the run; eval applies it.",
+            False,
+            bool,
+            modes=("finetune",),
+        ),
     )
 
     # ------------------------------------------------------------------ training
@@ -181,7 +191,10 @@ class ClassifyHead:
         va_images, va_labels, va_names = read_all(
             [(p, index[c]) for p, c in val], f"{options.val_data or options.data} (held out)"
         )
-        if not spec.stats_from_init:
+        chip_norm = bool(extra.get("chip_norm"))
+        if chip_norm:  # each chip's median is 1: (x - 1) / 1 centres the clutter at 0
+            spec.mean, spec.std = 1.0, 1.0
+        elif not spec.stats_from_init:
             spec.mean, spec.std = stats(tr_images)
         if extra.get("center_crop") is not None:
             spec.center_crop = float(extra["center_crop"])
@@ -208,8 +221,9 @@ class ClassifyHead:
             seed=options.seed,
             stretch=stretch,
             gain=gain,
+            chip_norm=chip_norm,
         )
-        held = ChipDataset(va_images, va_labels, *common, train=False)
+        held = ChipDataset(va_images, va_labels, *common, train=False, chip_norm=chip_norm)
 
         def measure(module: nn.Module) -> dict[str, float]:
             scores = predict(module, held, max(options.batch_size, 64))
@@ -238,6 +252,7 @@ class ClassifyHead:
                 "pool": extra.get("pool") or "mean",
                 "label_smoothing": float(extra.get("label_smoothing") or 0.0),
                 "layer_decay": decay,
+                "chip_norm": chip_norm,
             },
         }
         split = Split(train=tr_names, val=va_names, how=how, seed=options.seed)
@@ -278,7 +293,14 @@ class ClassifyHead:
         load_weights(model, runfolder.weights_path(run, options.weights))
         model.eval()
         data = ChipDataset(
-            images, ys, spec.image_size, spec.center_crop, spec.mean, spec.std, train=False
+            images,
+            ys,
+            spec.image_size,
+            spec.center_crop,
+            spec.mean,
+            spec.std,
+            train=False,
+            chip_norm=bool(head.get("chip_norm", False)),
         )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             options.precision, torch.float32

@@ -49,6 +49,12 @@ def stats(images: Sequence[np.ndarray], n: int = 512) -> tuple[float, float]:
     return mean, max(math.sqrt(var), 1e-3)
 
 
+def chip_scale(image: np.ndarray) -> float:
+    """The factor that puts a uint8 chip's median at 1 (a median of 0, an all-dark chip,
+    counts as 1 grey level, so nothing divides by zero)."""
+    return 255.0 / max(float(np.median(image)), 1.0)
+
+
 class ChipDataset(torch.utils.data.Dataset):
     """(image tensor, label) from cached chips: a square crop (``crop`` x the short side,
     centred for evaluation, anywhere in the chip when training: a translation augment),
@@ -61,6 +67,9 @@ class ChipDataset(torch.utils.data.Dataset):
     training view's pixels by a factor drawn from [1 - g, 1 + g]: two collections of the
     same targets differ in overall brightness (MSTAR's 15-degree chips are about 11 % darker
     than its 17-degree ones), and a model that reads brightness as a class cue fails there.
+    ``chip_norm`` divides each chip by its own median (its clutter level) before anything
+    else, for every view, training and evaluation alike: the same fix for brightness as a
+    deterministic normalisation rather than an augment (then pass mean 1, std 1).
     Random choices come from (seed, epoch, index), so a resumed run sees the same views."""
 
     def __init__(
@@ -75,6 +84,7 @@ class ChipDataset(torch.utils.data.Dataset):
         seed: int = 0,
         stretch: float = 0.0,
         gain: float = 0.0,
+        chip_norm: bool = False,
     ):
         if not 0.0 <= stretch < 1.0:
             raise ValueError(f"a range stretch is in [0, 1), not {stretch}")
@@ -83,6 +93,7 @@ class ChipDataset(torch.utils.data.Dataset):
         self.images, self.labels = list(images), list(labels)
         self.size, self.crop, self.mean, self.std = size, crop, mean, std
         self.stretch, self.gain = stretch, gain
+        self.scales = [chip_scale(im) for im in self.images] if chip_norm else None
         self.train, self.seed, self.epoch = train, seed, 0
 
     def __len__(self) -> int:
@@ -109,6 +120,8 @@ class ChipDataset(torch.utils.data.Dataset):
             top, left, flip, scale = (h - side) // 2, (w - side) // 2, False, 1.0
         x = torch.from_numpy(np.array(im[top : top + rows, left : left + side]))
         x = x.float().div_(255.0)[None, None]
+        if self.scales is not None:
+            scale *= self.scales[index]
         if scale != 1.0:
             x.mul_(scale)
         if rows != self.size or side != self.size:
