@@ -558,7 +558,17 @@ def test_chip_norm_divides_each_chip_by_its_median_on_real_chips():
     assert torch.isfinite(view).all()
 
 
-def test_chip_norm_is_recorded_and_eval_applies_it(cli, tmp_path):
+def test_chip_norm_is_recorded_and_eval_applies_it(cli, tmp_path, monkeypatch):
+    import sarkit.tasks.images as images
+
+    made = []
+
+    class Recording(images.ChipDataset):
+        def __init__(self, *args, **kwargs):
+            made.append((kwargs.get("train"), kwargs.get("chip_norm", False)))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(images, "ChipDataset", Recording)
     data = mstar_folders(tmp_path / "data", train=6, val=4)
     run = tmp_path / "run"
     proc = cli("finetune", "classify", "--data", data, *TINY, "--epochs", "2", "--chip-norm",
@@ -567,8 +577,10 @@ def test_chip_norm_is_recorded_and_eval_applies_it(cli, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["head"]["chip_norm"] is True
     assert (config["vision"]["mean"], config["vision"]["std"]) == (1.0, 1.0)
+    assert made == [(True, True), (False, True)]  # training and held-out views
     proc = cli("eval", "classify", run, "--data", data, "--weights", "last")
     assert proc.returncode == 0, proc.stderr
+    assert made[2:] == [(False, True)]  # eval divides by the median too
     metrics = json.loads(proc.stdout)["metrics"]
     last = eval_rows(run)[-1]
     for key in ("top1", "mean_class_acc"):
