@@ -65,7 +65,7 @@ class ChipDataset(torch.utils.data.Dataset):
     shadow of another length along range (tan 17 / tan 15 = 1.14 between MSTAR's train and
     test angles); the columns (azimuth) keep their scale. ``gain`` g > 0 multiplies each
     training view's pixels by a factor drawn from [1 - g, 1 + g]: two collections of the
-    same targets differ in overall brightness (MSTAR's 15-degree chips are about 11 % darker
+    same targets differ in overall brightness (MSTAR's 15-degree chips are 12-13 % darker
     than its 17-degree ones), and a model that reads brightness as a class cue fails there.
     ``chip_norm`` divides each chip by its own median (its clutter level) before anything
     else, for every view, training and evaluation alike: the same fix for brightness as a
