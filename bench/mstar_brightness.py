@@ -29,21 +29,22 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarkit.tasks.images import ChipDataset, chip_scale, collate, stats  # noqa: E402
+from sarkit.tasks import labels as labelled  # noqa: E402
+from sarkit.tasks.images import ChipDataset, chip_scale, collate, read_all, stats  # noqa: E402
 
 DATA = Path(os.environ.get("SARKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "mstar"
 CROP = 88 / 128
 
 
-def load(split: str) -> tuple[list[np.ndarray], list[int]]:
-    from PIL import Image
-
-    images, labels = [], []
-    for k in sorted((DATA / split).iterdir(), key=lambda p: int(p.name)):
-        for path in sorted(k.iterdir()):
-            images.append(np.asarray(Image.open(path).convert("L")))
-            labels.append(int(k.name))
-    return images, labels
+def load() -> tuple[tuple[list, list], tuple[list, list]]:
+    """(images, labels) of train and test, read as `finetune classify` reads them."""
+    data = labelled.load(str(DATA))
+    index = {c: i for i, c in enumerate(data.classes)}
+    out = []
+    for what, items in (("train", data.train), ("test", data.val)):
+        images, labels, _ = read_all([(p, index[c]) for p, c in items], f"{DATA} ({what})")
+        out.append((images, labels))
+    return out[0], out[1]
 
 
 def cnn(classes: int) -> nn.Module:
@@ -100,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"MSTAR not found at {DATA} (set SARKIT_SHARED_DATA)")
-    train, test = load("train"), load("val")
+    train, test = load()
     print("| split | chips | mean pixel | mean chip median | test / train (median) |")
     print("|---|---:|---:|---:|---:|")
     base = None

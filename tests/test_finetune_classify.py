@@ -35,6 +35,15 @@ def mstar_folders(dest: Path, train: int = 8, val: int = 4) -> Path:
     return dest
 
 
+def real_chip(split: str, label: str, n: int = 0):
+    """The n-th MSTAR chip of a class folder, as uint8 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    path = sorted((shared("mstar") / split / label).iterdir())[n]
+    return np.asarray(Image.open(path).convert("L"))
+
+
 def eval_rows(run: Path) -> list[dict]:
     with open(run / "eval.csv", newline="") as fh:
         return list(csv.DictReader(fh))
@@ -450,12 +459,10 @@ def test_range_stretch_scales_rows_only_on_a_real_chip():
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from PIL import Image
 
     from sarkit.tasks.images import ChipDataset
 
-    path = sorted((shared("mstar") / "train" / "7").iterdir())[0]
-    chip = np.asarray(Image.open(path).convert("L"))
+    chip = real_chip("train", "7")
     assert chip.shape == (128, 128)
     s = 0.15
     stretched = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, 0.0, 1.0, train=True, stretch=s)
@@ -492,12 +499,10 @@ def test_gain_jitter_scales_pixels_only_on_a_real_chip():
     factor drawn from [1-g, 1+g] after the other draws; evaluation views are untouched."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from sarkit.tasks.images import ChipDataset
 
-    path = sorted((shared("mstar") / "train" / "0").iterdir())[0]
-    chip = np.asarray(Image.open(path).convert("L"))
+    chip = real_chip("train", "0")
     g = 0.3
     mean, std = 0.1, 0.09
     jittered = ChipDataset([chip] * 40, [0] * 40, 88, 0.6875, mean, std, train=True, gain=g)
@@ -525,16 +530,10 @@ def test_chip_norm_divides_each_chip_by_its_median_on_real_chips():
     finite."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from sarkit.tasks.images import ChipDataset
 
-    root = shared("mstar")
-    chips = [
-        np.asarray(Image.open(sorted((root / s / "0").iterdir())[0]).convert("L"))
-        for s in ("train", "val")
-    ]
-    for chip in chips:
+    for chip in (real_chip("train", "0"), real_chip("val", "0")):
         held = ChipDataset([chip], [0], 88, 0.6875, 1.0, 1.0, train=False, chip_norm=True)
         crop = torch.from_numpy(chip[20:108, 20:108].copy()).float()
         want = crop / float(np.median(chip)) - 1.0

@@ -25,6 +25,7 @@ from sarkit.ranges import FRACTION, number_in
 from sarkit.tasks import EvalResult, Prepared, Split
 
 UNIT = number_in(0, 1, lo_open=True)
+BELOW_ONE = number_in(0, 1, hi_open=True)
 
 
 class Classifier(nn.Module):
@@ -63,6 +64,23 @@ def predict(model: Classifier, dataset: Any, batch_size: int, dtype=torch.float3
             logits = model.logits(batch["images"].to(device))
         out.append(logits.float().softmax(1).cpu().numpy())
     return np.concatenate(out)
+
+
+def held_out_views(images: list, labels: list, spec: Any, chip_norm: bool) -> Any:
+    """The evaluation views of a run's backbone: one place, so that fine-tuning's
+    per-epoch measure and `eval classify` see the same pixels."""
+    from sarkit.tasks.images import ChipDataset
+
+    return ChipDataset(
+        images,
+        labels,
+        spec.image_size,
+        spec.center_crop,
+        spec.mean,
+        spec.std,
+        train=False,
+        chip_norm=chip_norm,
+    )
 
 
 def confusion_png(cm: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
@@ -142,7 +160,7 @@ class ClassifyHead:
             "[1-S, 1+S], target and shadow alike. On MSTAR 17 -> 15 deg, 0.15 cost 13 "
             "points (docs/results.md): it also blurs the targets' sizes. Default 0: off.",
             0.0,
-            number_in(0, 1, hi_open=True),
+            BELOW_ONE,
             modes=("finetune",),
         ),
         HeadOption(
@@ -152,7 +170,7 @@ class ClassifyHead:
             "chips are 12-13 % darker than its 17-deg training chips, and 0.3 took a "
             "conv-stem ViT there from 90.2 to 95.8 % (docs/results.md). Default 0: off.",
             0.0,
-            number_in(0, 1, hi_open=True),
+            BELOW_ONE,
             modes=("finetune",),
         ),
         HeadOption(
@@ -211,7 +229,7 @@ class ClassifyHead:
         if decay is None:
             decay = 1.0 if spec.provenance["kind"] == "random" else 0.75
         extra["layer_decay"] = decay
-        common = (options.image_size, spec.center_crop, spec.mean, spec.std)
+        common = (spec.image_size, spec.center_crop, spec.mean, spec.std)
         stretch = float(extra.get("range_stretch") or 0.0)
         gain = float(extra.get("gain_jitter") or 0.0)
         dataset = ChipDataset(
@@ -224,7 +242,7 @@ class ClassifyHead:
             gain=gain,
             chip_norm=chip_norm,
         )
-        held = ChipDataset(va_images, va_labels, *common, train=False, chip_norm=chip_norm)
+        held = held_out_views(va_images, va_labels, spec, chip_norm)
 
         def measure(module: nn.Module) -> dict[str, float]:
             scores = predict(module, held, max(options.batch_size, 64))
@@ -266,7 +284,7 @@ class ClassifyHead:
         from sarkit.tasks import labels as labelled
         from sarkit.tasks import runfolder
         from sarkit.tasks.backbone import BackboneSpec, build_backbone
-        from sarkit.tasks.images import ChipDataset, read_all
+        from sarkit.tasks.images import read_all
         from sarkit.tasks.metrics import classification
 
         config = runfolder.read_config(run)
@@ -293,16 +311,7 @@ class ClassifyHead:
         model = Classifier(build_backbone(spec, None), len(classes), head["pool"], 0.0)
         load_weights(model, runfolder.weights_path(run, options.weights))
         model.eval()
-        data = ChipDataset(
-            images,
-            ys,
-            spec.image_size,
-            spec.center_crop,
-            spec.mean,
-            spec.std,
-            train=False,
-            chip_norm=bool(head.get("chip_norm", False)),
-        )
+        data = held_out_views(images, ys, spec, bool(head.get("chip_norm", False)))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             options.precision, torch.float32
         )
