@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from conftest import shared, torchrun
 from test_pretrain import TINY, rows
 from test_pretrain_data import mstar_records, write_jsonl
+
+from sarkit.errors import SarkitError
 
 pytest.importorskip("deepspeed")
 
@@ -138,40 +141,93 @@ def test_zero3_offload_matches_plain_pytorch(tmp_path, cli):
             assert abs(float(a[key]) - float(b[key])) <= rtol * abs(float(a[key])), (key, a, b)
 
 
+def zero12_state(checkpoint) -> dict[str, torch.Tensor]:
+    """Each parameter's fp32 master and Adam moments in a ZeRO-1/2 checkpoint, its pieces
+    in the ranks' partitions (DeepSpeed's own slice map) laid end to end; and each group's
+    step count. Read with weights_only=True."""
+    from sarkit.train.engine import read_safely
+
+    files = (checkpoint / "deepspeed").glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for path in sorted(files, key=lambda p: int(p.name.split("rank_")[1].split("_")[0])):
+        o = read_safely(path)["optimizer_state_dict"]
+        for g, mapping in enumerate(o["param_slice_mappings"]):
+            state = o["base_optimizer_state"]["state"][g]
+            pieces.setdefault(f"step/{g}", []).append(torch.as_tensor(state["step"]).reshape(1))
+            flats = {"fp32": o["single_partition_of_fp32_groups"][g].detach(), **state}
+            for name, at in mapping.items():
+                for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                    part = flats[key][at.start : at.start + at.numel]
+                    pieces.setdefault(f"{key}/{name}", []).append(part)
+    out = {k: torch.cat(v) for k, v in pieces.items()}
+    steps = [k for k in out if k.startswith("step/")]
+    assert all(len(out[k].unique()) == 1 for k in steps)  # one count on every rank
+    return {k: out[k][:1] if k in steps else v for k, v in out.items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return len(a) > 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes(tmp_path, cli):
-    """A 2-process checkpoint: under ZeRO-2 it resumes on 2 exactly and on 1 stops with one
-    line saying to resume with 2 (DeepSpeed cannot split its partitions again); from DDP
-    it resumes on 1 (batch 8: the same global batch), the epoch going on after the samples
-    already seen, with exactly the weights the 2 processes had."""
-    import torch
-
+    """A 2-process checkpoint resumes on 2 exactly, and on 1 (batch 8: the same global
+    batch). ZeRO-2's partitions go through DeepSpeed's universal format: the 1-process run
+    holds exactly the fp32 masters and Adam moments the 2 processes had (it saves them in
+    its own folder, compared here partition by partition), and back from 1 process to 2
+    the same; it then trains as a 1-process resume from DDP does (to the ZeRO-against-DDP
+    noise of test_zero2_and_zero3_match_ddp). From DDP it resumes on 1 with exactly the
+    weights the 2 processes had."""
     from sarkit.model.knowlip import KnowLIP
 
     records = write_jsonl(tmp_path / "r.jsonl", mstar_records(shared("mstar"), "train", 2)[:16])
     ds = ["--deepspeed", "zero2", "--save-every", "2"]
     full = run2(records, tmp_path / "full", *ds)
     step2 = tmp_path / "full" / "checkpoints" / "step-00000002"
+    step4 = tmp_path / "full" / "checkpoints" / "step-00000004"
     again = run2(records, tmp_path / "again", *ds, "--resume", str(step2))
     assert [r["step"] for r in again] == ["3", "4"]
     for a, b in zip(full[2:], again, strict=True):
         for key in ("loss", "itc", "itm", "mlm", "temp"):
             assert a[key] == b[key], (key, a, b)
+
     one = [*TINY, "--workers", "0", "--lr", "1e-4", "--warmup-steps", "1", "--save-every", "2",
            "--batch-size", "8", "--max-steps", "4"]  # fmt: skip
     env = {"DS_ACCELERATOR": "cpu"}
-    proc = cli("pretrain", records, "-o", tmp_path / "one", *one, "--deepspeed", "zero2",
-               "--resume", str(step2), env=env, check=1)  # fmt: skip
-    assert "saved by 2 process(es) under ZeRO-2" in proc.stderr
-    assert "resume with 2 process(es)" in proc.stderr and "Traceback" not in proc.stderr
+    # 2 -> 1 at the end of the run: nothing left to train, the state saved again on 1
+    proc = cli("pretrain", records, "-o", tmp_path / "shrunk", *one, "--deepspeed", "zero2",
+               "--resume", str(step4), env=env, check=0)  # fmt: skip
+    assert "saved by 2 process(es) under ZeRO-2; converting" in proc.stderr
+    assert "Traceback" not in proc.stderr and "WARNING" not in proc.stderr
+    shrunk = tmp_path / "shrunk" / "checkpoints" / "step-00000004"
+    assert len(list((shrunk / "deepspeed").glob("zero_pp_rank_*"))) == 1
+    assert same_state(zero12_state(shrunk), zero12_state(step4))
+    weights = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert (tmp_path / "shrunk" / "model.safetensors").read_bytes() == weights
+    assert not list((tmp_path / "shrunk" / "checkpoints").glob(".universal*"))
+    # and 1 -> 2
+    torchrun("pretrain", records, "-o", tmp_path / "grown", *TINY, "--workers", "0",
+             "--max-steps", STEPS, "--lr", "1e-4", "--warmup-steps", "1", *ds, "--resume",
+             shrunk, env=env, timeout=500)  # fmt: skip
+    grown = tmp_path / "grown" / "checkpoints" / "step-00000004"
+    assert len(list((grown / "deepspeed").glob("zero_pp_rank_*"))) == 2
+    assert same_state(zero12_state(grown), zero12_state(step4))
+    assert (tmp_path / "grown" / "model.safetensors").read_bytes() == weights
 
+    # 2 -> 1 mid-run, against DDP's 2 -> 1 (whose state is whole, nothing to convert)
+    cli("pretrain", records, "-o", tmp_path / "z1", *one, "--deepspeed", "zero2",
+        "--resume", str(step2), env=env, check=0)  # fmt: skip
     run2(records, tmp_path / "ddp", "--save-every", "2")
     ddp2 = tmp_path / "ddp" / "checkpoints" / "step-00000002"
     proc = cli("pretrain", records, "-o", tmp_path / "ddp1", *one, "--resume", str(ddp2),
                check=0)  # fmt: skip
     assert "saved with 2 process(es) x batch 4, resumed with 1 x 8" in proc.stderr
     assert "goes on after its first 16 samples" in proc.stderr
-    assert [r["step"] for r in rows(tmp_path / "ddp1")] == ["3", "4"]
+    ddp1, z1 = rows(tmp_path / "ddp1"), rows(tmp_path / "z1")
+    assert [r["step"] for r in ddp1] == [r["step"] for r in z1] == ["3", "4"]
+    for a, b in zip(ddp1, z1, strict=True):
+        for key in ("loss", "itc", "itm", "mlm"):
+            assert abs(float(a[key]) - float(b[key])) <= 2e-3 * abs(float(a[key])), (key, a, b)
     ddp4 = tmp_path / "ddp" / "checkpoints" / "step-00000004"
     cli("pretrain", records, "-o", tmp_path / "end", *one, "--resume", str(ddp4), check=0)
     with torch.no_grad():
@@ -180,20 +236,58 @@ def test_resume_on_another_number_of_processes(tmp_path, cli):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deepspeed_world_change_is_a_clear_error():
-    """The rule, without a DeepSpeed run: the same count resumes, another says what to do."""
-    from sarkit.train.engine import DeepSpeedEngine
+def test_shards_are_cut_anew_for_another_world_size(tmp_path):
+    """ZeRO-3's layout (rank r of w holds [r * s, (r + 1) * s) of the flat tensor, s =
+    ceil(n / w), zero-padded): shards of 3 ranks read back as those of 2, 1 and 4."""
+    from safetensors.torch import save_file
 
-    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)
-    engine.stage = 3
-    assert engine.resumable_on({"world": 2, "zero_stage": 3}, 2) is None
-    why = engine.resumable_on({"world": 2, "zero_stage": 3}, 1)
-    assert "under ZeRO-3" in why and "resume with 2 process(es)" in why and "\n" not in why
-    engine.stage = 1
-    assert "resume with 4 process(es)" in engine.resumable_on({"world": 4, "zero_stage": 1}, 8)
+    from sarkit.train.universal import reshard
+
+    whole = {"a": torch.arange(10.0), "b": torch.arange(7.0) + 100, "c": torch.tensor([5.0])}
+
+    def shards(w: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for r in range(w):
+            part = {}
+            for k, t in whole.items():
+                s = -(-t.numel() // w)
+                part[k] = torch.nn.functional.pad(t, (0, s * w - t.numel()))[r * s : (r + 1) * s]
+            out.append(part)
+        return out
+
+    files = []
+    for r, part in enumerate(shards(3)):
+        files.append(tmp_path / f"task-rank{r}.safetensors")
+        save_file(part, str(files[-1]))
+    numels = {k: t.numel() for k, t in whole.items()}
+    for w in (2, 1, 4):
+        for r, want in enumerate(shards(w)):
+            got = {k: torch.full_like(v, -1.0) for k, v in want.items()}
+            reshard(files, got, numels, r)
+            assert all(torch.equal(got[k], want[k]) for k in want), (w, r, got, want)
+    files[1].unlink()
+    with pytest.raises(SarkitError, match="task-rank1.safetensors"):
+        reshard(files, {"a": torch.zeros(5)}, numels, 0)
 
 
-def test_zero3_splits_the_momentum_towers_and_resumes_them(tmp_path):
+def test_the_universal_conversion_reads_no_pickled_objects(tmp_path):
+    """DeepSpeed's converter and universal loader call torch.load(weights_only=False);
+    under safe_torch_load a file that would run code when unpickled is refused, not run."""
+    from sarkit.train.universal import safe_torch_load
+
+    victim, marker = tmp_path / "optim_states.pt", tmp_path / "ran"
+    torch.save({"state": Sneaky(str(marker))}, victim)
+    stock = torch.load
+    with safe_torch_load(), pytest.raises(SarkitError, match="not read"):
+        torch.load(victim, weights_only=False)
+    assert not marker.exists()
+    torch.save({"t": torch.ones(2), "n": 3}, tmp_path / "ok.pt")
+    with safe_torch_load():
+        assert torch.load(tmp_path / "ok.pt", weights_only=False)["n"] == 3
+    assert torch.load is stock
+
+
+def test_zero3_splits_the_momentum_towers_and_resumes_them(tmp_path, cli):
     """Two processes under ZeRO-3: each rank holds half of the momentum towers (its own
     checkpoint file of shards, about half their size), the EMA moves those shards, and a
     run resumed from step 2 ends with exactly the momentum towers and losses of the
@@ -237,6 +331,23 @@ def test_zero3_splits_the_momentum_towers_and_resumes_them(tmp_path):
     b = load_file(str(tmp_path / "again" / "momentum.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {k: list(v.shape) for k, v in a.items()} == {k: list(s) for k, s in whole.items()}
+
+    # on 1 process: the optimiser state through DeepSpeed's universal format, the towers'
+    # shards cut anew from both ranks' files: exactly the weights and towers of the 2
+    step4 = tmp_path / "full" / "checkpoints" / "step-00000004"
+    proc = cli("pretrain", records, "-o", tmp_path / "one", *TINY, "--workers", "0", "--lr",
+               "1e-4", "--warmup-steps", "1", "--batch-size", "8", "--max-steps", "4", *ds,
+               "--resume", step4, env={"DS_ACCELERATOR": "cpu"}, check=0)  # fmt: skip
+    assert "saved by 2 process(es) under ZeRO-3; converting" in proc.stderr
+    for name in ("model.safetensors", "momentum.safetensors"):
+        one = load_file(str(tmp_path / "one" / name))
+        two = load_file(str(tmp_path / "full" / name))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), name
+    with safe_open(str(tmp_path / "one" / "checkpoints" / "step-00000004" /
+                       "task-rank0.safetensors"), "pt") as fh:  # fmt: skip
+        assert {k: math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()} == {  # noqa: SIM118
+            k: numel[k] for k in split_names
+        }
 
     # the same EMA as DDP's unsplit towers, to the engines' reduction-order noise (1e-4)
     run2(records, tmp_path / "ddp", "--momentum", "0.5")

@@ -160,7 +160,12 @@ def command(
     no_augment: bool = typer.Option(False, "--no-augment"),
     save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),
     log_every: int = typer.Option(10, "--log-every"),
-    resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        help="'latest' or a checkpoint folder; one saved by another number of processes "
+        "resumes too (ZeRO checkpoints are converted to DeepSpeed's universal format first).",
+    ),
     seed: int = typer.Option(42, "--seed"),
     strict: bool = typer.Option(
         False,

@@ -813,6 +813,12 @@ class Momentum(nn.Module):
 
         return {k: v.ds_tensor for k, v in self.named_parameters() if is_split(v)}
 
+    def shard_numels(self) -> dict[str, int]:
+        """The whole sizes of the :meth:`shard_state` tensors."""
+        from sarkit.train.zero3 import is_split
+
+        return {k: int(v.ds_numel) for k, v in self.named_parameters() if is_split(v)}
+
     def exported(self) -> tuple[dict, Any]:
         """(name -> (dtype, shape), whole fp32 CPU tensors one at a time) for
         momentum.safetensors; every rank must run the iterator (split weights gather)."""

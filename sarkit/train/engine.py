@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sarkit import log
 from sarkit.errors import SarkitError, UsageError
 
 DS_PRESETS = {
@@ -260,7 +262,8 @@ class PlainEngine:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, folder / "optimizer.pt")
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, state: dict, scratch: Path) -> None:
+        """Resume from `folder` (whole state on rank 0's files: any world size reads it)."""
         from sarkit.model.weights import load_weights
 
         load_weights(self.module, folder / "model.safetensors", self.device)
@@ -336,32 +339,38 @@ def _ds_types() -> list:
     return found
 
 
+def read_safely(path: Any, map_location: Any = None, loader: Any = None, **kwargs: Any) -> Any:
+    """``torch.load(weights_only=True)`` that also builds DeepSpeed's few bookkeeping types
+    (``DS_CHECKPOINT_TYPES``); anything else is refused in one line naming the file.
+    `loader` is torch's own load where ``torch.load`` is patched to call this."""
+    try:
+        with torch.serialization.safe_globals(_ds_types()):
+            load = loader or torch.load
+            return load(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+        why = lines[0] if lines else type(exc).__name__
+        raise SarkitError(f"{path}: not read: holds more than tensors and values ({why})") from None
+
+
 def safe_checkpoint_reads(engine: Any) -> None:
     """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``.
 
     Its stock reader unpickles them whole (``weights_only=False``), so a doctored file in a
     run folder would run code on resume. The safe reader builds tensors, numbers, strings,
-    containers and the few DeepSpeed bookkeeping types it writes itself
-    (``DS_CHECKPOINT_TYPES``); anything else is refused with an error.
+    containers and the few DeepSpeed bookkeeping types it writes itself; anything else is
+    refused with an error.
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     stock = getattr(engine, "checkpoint_engine", None)
     if type(stock) is not TorchCheckpointEngine:  # another engine the user configured
         return
-    allowed = _ds_types()
 
     def load(path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                # mmap: the tensors stay file pages until used; the optimiser then adopts
-                # them in place of the states it had, rather than holding both in memory
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-        except Exception as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-            why = lines[0] if lines else type(exc).__name__
-            message = f"{path}: not read: holds more than tensors and values ({why})"
-            raise SarkitError(message) from None
+        # mmap: the tensors stay file pages until used; the optimiser then adopts them in
+        # place of the states it had, rather than holding both in memory
+        return read_safely(path, map_location, mmap=True)
 
     stock.load = load
 
@@ -417,23 +426,8 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def resumable_on(self, state: dict, world: int) -> str | None:
-        """Why a checkpoint saved by `state["world"]` processes cannot resume on `world`
-        (None: it can). DeepSpeed (0.19) refuses to load ZeRO optimiser partitions on
-        another data-parallel size at any stage (its elastic ZeRO-1/2 state included) unless
-        the checkpoint is first converted to its universal format, which sarkit does not
-        load; the plain engine can (its state is whole on rank 0)."""
-        saved = int(state.get("world", world))
-        if saved == world:
-            return None
-        stage = state.get("zero_stage", self.stage)
-        return (
-            f"saved by {saved} process(es) under ZeRO-{stage}, whose optimiser partitions "
-            f"DeepSpeed cannot split again for {world}: resume with {saved} process(es)"
-        )
-
     def checkpoint_facts(self) -> dict:
-        """What `resumable_on` needs to know of a checkpoint, kept in its state.json."""
+        """What a resume needs to know of a checkpoint, kept in its state.json."""
         return {"zero_stage": self.stage}
 
     def micro_step(self, kwargs: dict, boundary: bool) -> dict[str, torch.Tensor]:
@@ -502,10 +496,62 @@ class DeepSpeedEngine:
     def save(self, folder: Path, rank: int) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, state: dict, scratch: Path) -> None:
+        """Resume from `folder`; one saved by another number of processes is first made a
+        universal checkpoint (in `scratch`, by rank 0, removed once every rank has read it)
+        that the engine cuts anew for this world size (sarkit.train.universal)."""
+        import torch.distributed as dist
+
+        from sarkit.train.universal import convert, safe_torch_load
+
+        saved = int(state.get("world", dist.get_world_size()))
+        stage = int(state.get("zero_stage", self.stage))
+        if (stage == 3) != (self.stage == 3):  # ZeRO-3 files are laid out otherwise
+            raise SarkitError(
+                f"{folder}: saved under ZeRO-{stage}, which ZeRO-{self.stage} cannot read: "
+                f"resume with a ZeRO-{stage} preset or config"
+            )
+        if saved == dist.get_world_size():
+            self._load(folder, "deepspeed")
+            return
+        target = scratch / f".universal-{folder.name}"
+        failed = torch.zeros(1, device=self.device)
+        error = None
+        if dist.get_rank() == 0:
+            log.info(
+                f"{folder}: saved by {saved} process(es) under ZeRO-{stage}; converting its "
+                f"optimiser state to DeepSpeed's universal format for {dist.get_world_size()}"
+            )
+            scratch.mkdir(parents=True, exist_ok=True)
+            try:
+                convert(folder / "deepspeed", target)
+            except SarkitError as exc:
+                failed += 1
+                error = exc
+        dist.all_reduce(failed)  # the other ranks must not wait for a folder never made
+        if error is not None:
+            raise error
+        if failed.item():
+            raise SarkitError(f"{folder}: rank 0 could not convert it (its error says why)")
+        from deepspeed.utils import logger
+
+        self.engine._config.load_universal_checkpoint = True
+        level = logger.level  # it warns that no model-parallel unit was given: there is none
+        logger.setLevel(logging.ERROR)
+        try:
+            with safe_torch_load():
+                self._load(scratch, target.name)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            logger.setLevel(level)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def _load(self, folder: Path, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(
             str(folder),
-            tag="deepspeed",
+            tag=tag,
             load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )

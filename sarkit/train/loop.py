@@ -200,8 +200,6 @@ class Loop:
     def load_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        from sarkit.model.weights import read_into
-
         try:
             state = json.loads((folder / "state.json").read_text())
             step = int(state["step"])
@@ -214,25 +212,16 @@ class Loop:
             raise SarkitError(
                 f"{folder}: saved by the {state['engine']} engine; resume with the same engine"
             )
-        why = (
-            self.engine.resumable_on(state, self.world)
-            if hasattr(self.engine, "resumable_on")
-            else None
-        )
-        if why:
-            raise SarkitError(f"{folder}: {why}")
-        self.engine.load(folder)
+        self.engine.load(folder, state, self.ckpt_dir)
         extra = folder / "task.safetensors"
-        shards = folder / f"task-rank{self.rank}.safetensors"
         current = extra
         try:
             if extra.exists():
                 self.task.load_extra_file(extra, self.device)
-            targets, current = self.task.rank_state(), shards
+            targets = self.task.rank_state()
             if targets:
-                if not shards.exists():
-                    raise SarkitError(f"{shards} is missing: resume with the saved world size")
-                read_into(shards, targets)
+                current = folder / f"task-rank{self.rank}.safetensors"
+                self._load_rank_state(folder, int(state["world"]), targets)
         except SarkitError:
             raise
         except Exception as exc:
@@ -248,6 +237,21 @@ class Loop:
         self.batch_in_epoch = self._position(folder, state)
         if self.batch_in_epoch >= self.micro_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _load_rank_state(self, folder: Path, saved: int, targets: dict) -> None:
+        """Each rank's shards of the task's split state (ZeRO-3's momentum towers): read
+        in place when the world size is the saved one, else cut anew from all the files."""
+        from sarkit.model.weights import read_into
+        from sarkit.train.universal import reshard
+
+        files = [folder / f"task-rank{r}.safetensors" for r in range(saved)]
+        for path in files if saved != self.world else [files[self.rank]]:
+            if not path.exists():
+                raise SarkitError(f"{path} is missing: the checkpoint is incomplete")
+        if saved == self.world:
+            read_into(files[self.rank], targets)
+        else:
+            reshard(files, targets, self.task.rank_numels(), self.rank)
 
     def _position(self, folder: Path, state: dict) -> int:
         """This run's micro-batches into the epoch that the checkpoint's position means.
@@ -294,19 +298,20 @@ class Loop:
 
     # ---------------------------------------------------------------- the loop
 
-    def resume(self) -> bool:
+    def resume(self) -> Path | None:
+        """The checkpoint folder resumed from (None: a fresh start)."""
         o = self.options
         if not o.resume:
-            return False
+            return None
         pointer = self.ckpt_dir / "latest"
         if o.resume == "latest" and not pointer.exists():
             log.warn(f"{self.ckpt_dir}: no checkpoint yet; starting from the beginning")
-            return False
+            return None
         folder = self.find_checkpoint(o.resume)
         self.load_checkpoint(folder)
         if self.main:
             log.info(f"resumed from {folder} at step {self.step}")
-        return True
+        return folder
 
     def fit(self) -> Path:
         from sarkit.train.engine import all_mean
@@ -315,11 +320,15 @@ class Loop:
         # every submodule in training mode, whatever it was built in (from_pretrained
         # returns BERT in eval mode): a resumed run must train with the same dropout
         self.engine.module.train()
-        resumed = self.resume()
+        source = self.resume()
+        resumed = source is not None
         tb = self._open_logs(resumed)
         metrics = CsvLog(self.out / "metrics.csv", self.step if resumed else None, self.main)
         evals = CsvLog(self.out / "eval.csv", self.step if resumed else None, self.main)
-        last_saved = self.step if resumed else -1
+        # a checkpoint from another folder (another run's, or one saved by another number of
+        # processes) is saved again in this run's own, so the run folder resumes by itself
+        own = resumed and source.resolve().parent == self.ckpt_dir.resolve()
+        last_saved = self.step if own else -1
         sums: dict[str, Any] = {}  # this step's outputs, summed over its micro-batches
         micro = 0  # micro-batches in the current optimiser step
         samples = 0

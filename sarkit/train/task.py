@@ -83,6 +83,10 @@ class ModuleTask:
         resumed by reading into the same tensors in place."""
         return {}
 
+    def rank_numels(self) -> dict[str, int]:
+        """Whole sizes of the `rank_state` tensors, to cut them anew for another world size."""
+        return {}
+
     def export_all_ranks(self, out: Path, main: bool) -> None:
         """Exports that every rank takes part in (gathers of split outside state), after
         `export`; rank 0 (`main`) writes."""
@@ -140,6 +144,9 @@ class MomentumTask:
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         return self.momentum.shard_state()
+
+    def rank_numels(self) -> dict[str, int]:
+        return self.momentum.shard_numels()
 
     def load_extra_file(self, path: Path, device: torch.device) -> None:
         from sarkit.model.weights import read_into
