@@ -28,6 +28,12 @@ both alike; the load average is printed.
            GPU (H100/H200 989, A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped
            text tower (12 layers, 768 wide; random init, as no weights download here).
   --compile  torch.compile the four towers (online and momentum, vision and text) in place.
+  --profile DIR  after the timed steps, 3 more under torch.profiler: a Chrome/Perfetto
+           trace per config in DIR (keep it out of the repository), and a table of where a
+           step's time goes: the ops with the most self time on the device (CUDA time on a
+           GPU, CPU time on the CPU), the ops launched per step, and the host syncs per
+           step (scalar reads, nonzero, stream/device synchronisations, device-to-host
+           copies), which stop the host until the GPU catches up.
 """
 
 from __future__ import annotations
@@ -103,8 +109,10 @@ def mfu(
     tmp: Path,
     batch: int | None = None,
     compile_towers: bool = False,
+    trace: Path | None = None,
 ):
-    """(pairs/s, counted TFLOPs per step, MFU or None) of the bare loop on synthetic data."""
+    """(pairs/s, counted TFLOPs per step, MFU or None, profile lines) of the bare loop on
+    synthetic data."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sarkit.model.decoder import dec_token_id
@@ -166,7 +174,60 @@ def mfu(
         gpu = torch.cuda.get_device_name(dev)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     util = flops / per_step / (peak * 1e12) if peak else None
-    return b / per_step, flops / 1e12, util
+    lines = profile(step, dev, 3, trace) if trace is not None else []
+    return b / per_step, flops / 1e12, util, lines
+
+
+SYNC_OPS = (
+    "aten::_local_scalar_dense",  # .item(), int(tensor), float(tensor)
+    "aten::nonzero",  # boolean indexing, torch.nonzero/where(cond)
+    "aten::is_nonzero",  # `if tensor:`
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+)
+
+
+def profile(step, dev: torch.device, steps: int, trace: Path) -> list[str]:
+    """Markdown lines: host syncs and ops per step, the top ops by self device time."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    gpu = dev.type == "cuda"
+
+    def self_us(e) -> float:
+        return float(e.self_device_time_total if gpu else e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events if not e.key.startswith("ProfilerStep"))
+    counts = {e.key: e.count for e in events}
+    launches = sum(n for k, n in counts.items() if k.startswith(("cudaLaunchKernel", "cuLaunch")))
+    d2h = sum(n for k, n in counts.items() if k.startswith("Memcpy DtoH"))
+    lines = [f"trace: {trace}",
+             "per step: host syncs "
+             + ", ".join(f"{k} {counts.get(k, 0) / steps:g}" for k in SYNC_OPS)
+             + (f", device-to-host copies {d2h / steps:g}; kernels launched "
+                f"{launches / steps:g}" if gpu else
+                " (on the CPU, torch's AdamW reads its step counters with .item(), no sync "
+                "there; a GPU's fused AdamW keeps them on the device)"),
+             "| op | self time per step (ms) | share | calls per step |",
+             "|---|---|---|---|"]  # fmt: skip
+    top = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[:15]
+    for e in top:
+        lines.append(
+            f"| {e.key[:60]} | {self_us(e) / steps / 1e3:.2f} | "
+            f"{self_us(e) / max(total, 1e-9) * 100:.1f}% | {e.count / steps:g} |"
+        )
+    return lines
 
 
 def bare(recs: list[dict], opts) -> list[float]:
@@ -338,6 +399,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the device's dense peak for MFU")
     ap.add_argument("--batch", type=int, help="--mfu: batch size instead of the config's")
     ap.add_argument("--compile", action="store_true", help="--mfu: torch.compile the towers")
+    ap.add_argument("--profile", type=Path, help="--mfu: a profile of 3 steps, traces in DIR")
     args = ap.parse_args()
     from sarkit import log
 
@@ -350,14 +412,23 @@ def main() -> None:
               + (", towers compiled" if args.compile else ""))  # fmt: skip
         print("| config | batch | pairs/s | TFLOPs per step (counted) | MFU |")
         print("|---|---|---|---|---|")
+        profiles = []
         for name in args.configs.split(","):
-            with tempfile.TemporaryDirectory() as tmp:
-                pairs, tflops, util = mfu(name, args.steps, args.device, args.precision,
-                                          args.peak_tflops, Path(tmp), args.batch,
-                                          args.compile)  # fmt: skip
-            shown = f"{util * 100:.1f}%" if util is not None else "n/a (no --peak-tflops)"
             batch = args.batch or CONFIGS[name][4]
+            trace = None
+            if args.profile:
+                tag = f"{name}-b{batch}-{args.precision}" + ("-compiled" if args.compile else "")
+                trace = args.profile / f"{tag}.json"
+            with tempfile.TemporaryDirectory() as tmp:
+                pairs, tflops, util, lines = mfu(name, args.steps, args.device, args.precision,
+                                                 args.peak_tflops, Path(tmp), args.batch,
+                                                 args.compile, trace)  # fmt: skip
+            shown = f"{util * 100:.1f}%" if util is not None else "n/a (no --peak-tflops)"
             print(f"| {name} | {batch} | {pairs:.1f} | {tflops:.2f} | {shown} |")
+            profiles.append((name, batch, lines))
+        for name, batch, lines in profiles if args.profile else ():
+            print(f"\n{name}, batch {batch}:")
+            print("\n".join(lines))
         return
     rows = []
     for name in args.configs.split(","):

@@ -161,9 +161,12 @@ def lm_loss(
         keep = keep & (torch.arange(1, length, device=input_ids.device)[None, :] >= start)
     if target_mask is not None:
         keep = keep & target_mask[:, 1:].bool()
-    logits = decoder.cls(hidden[:, :-1][keep]).float()
+    # the targets' (rows, columns) read once: each boolean index, forward and backward, is
+    # a host sync on a GPU (the count is data-dependent)
+    where = keep.nonzero(as_tuple=True)
+    logits = decoder.cls(hidden[:, :-1][where]).float()
     token_loss = F.cross_entropy(
-        logits, input_ids[:, 1:][keep], label_smoothing=float(label_smoothing), reduction="none"
+        logits, input_ids[:, 1:][where], label_smoothing=float(label_smoothing), reduction="none"
     )
     if reduction == "mean":
         if token_loss.numel() == 0:

@@ -233,15 +233,19 @@ class KnowLIP(nn.Module):
         image_tokens: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        where: torch.Tensor,
+        where: torch.Tensor | tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
-        """Vocabulary logits at the positions `where` (bool, like input_ids) only.
+        """Vocabulary logits at the positions `where` only: bool like input_ids, or its
+        (rows, columns) from ``nonzero(as_tuple=True)``, which a caller that also indexes
+        the labels reads once (each boolean index is a host sync on a GPU).
 
         The vocabulary projection is most of the decoder's cost; masked positions are ~15%.
         """
         hidden = bert_hidden(
             self.decoder.bert, input_ids, attention_mask, self.image_to_text(image_tokens)
         )
+        if isinstance(where, torch.Tensor):
+            where = where.nonzero(as_tuple=True)
         return self.decoder.cls(hidden[where]).float()
 
     def temperature(self) -> torch.Tensor:
@@ -397,8 +401,8 @@ class KnowLIP(nn.Module):
             anyone[rows, own] = 0.0
             w_i2t = torch.where((w_i2t.sum(1) == 0)[:, None], anyone, w_i2t)
             w_t2i = torch.where((w_t2i.sum(1) == 0)[:, None], anyone, w_t2i)
-            neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
-            neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
+            neg_txt = draw_one(w_i2t)
+            neg_img = draw_one(w_t2i)
             width = ids_pad.shape[1]
             neg_ids, neg_mask = ids_all[neg_txt, :width], mask_all[neg_txt, :width]
             share = float(self.config.itm_segment_negatives)
@@ -482,7 +486,7 @@ class KnowLIP(nn.Module):
             special_ids,
             eligible,
         )
-        where = labels != -100
+        where = (labels != -100).nonzero(as_tuple=True)  # the step's one read of the masks
         logits = self.mlm_logits(img_tokens, ids, attention_mask, where)
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
@@ -665,6 +669,17 @@ def segment_swap_negatives(
         ids[i, : len(row)] = torch.tensor(row, dtype=ids.dtype, device=ids.device)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def draw_one(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row, drawn in proportion to `weights` (non-negative, no row all zero).
+
+    ``torch.multinomial(weights, 1)`` draws exactly so (argmax of weights over Exp(1) noise,
+    the same random numbers), after two checks of the weights that read them back to the
+    host: two host syncs per call on a GPU, four per step. The rows here are checked by
+    construction (softmax plus 1e-12, all-zero rows replaced).
+    """
+    return (weights / torch.empty_like(weights).exponential_(1)).argmax(dim=-1)
 
 
 def _unique_groups(n: int, device: torch.device) -> torch.Tensor:
