@@ -129,6 +129,7 @@ def mfu(
     torch.manual_seed(0)
     dev = torch.device(device)
     model = KnowLIP(model_config(opts, fields), pretrained_text=text is None).to(dev)
+    model.train()  # as the loop trains it: from_pretrained gives BERT in eval mode (no dropout)
     momentum = Momentum(model, opts.queue_size, opts.momentum).to(dev)
     momentum.copy_from(model)
     if compile_towers:  # in place: parameter names, hence the EMA pairs, stay the same
@@ -242,6 +243,7 @@ def bare(recs: list[dict], opts) -> list[float]:
     torch.manual_seed(opts.seed)
     fields = choose_fields(recs, None)
     model = KnowLIP(model_config(opts, fields))
+    model.train()  # as the loop trains it: from_pretrained gives BERT in eval mode (no dropout)
     momentum = Momentum(model, opts.queue_size, opts.momentum)
     momentum.copy_from(model)
     optimizer = adamw(param_groups(model, opts.weight_decay), 1e-4)
