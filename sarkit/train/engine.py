@@ -523,6 +523,8 @@ class DeepSpeedEngine:
                 f"optimiser state to DeepSpeed's universal format for {dist.get_world_size()}"
             )
             scratch.mkdir(parents=True, exist_ok=True)
+            for stale in scratch.glob(".universal-*"):  # left by a run killed while loading
+                shutil.rmtree(stale, ignore_errors=True)
             try:
                 convert(folder / "deepspeed", target)
             except SarkitError as exc:
