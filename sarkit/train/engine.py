@@ -512,7 +512,7 @@ class DeepSpeedEngine:
                 f"resume with a ZeRO-{stage} preset or config"
             )
         if saved == dist.get_world_size():
-            self._load(folder, "deepspeed")
+            self._load(folder, "deepspeed", universal=False)
             return
         target = scratch / f".universal-{folder.name}"
         failed = torch.zeros(1, device=self.device)
@@ -535,28 +535,30 @@ class DeepSpeedEngine:
             raise error
         if failed.item():
             raise SarkitError(f"{folder}: rank 0 could not convert it (its error says why)")
-        from deepspeed.utils import logger
-
-        self.engine._config.load_universal_checkpoint = True
-        level = logger.level  # it warns that no model-parallel unit was given: there is none
-        logger.setLevel(logging.ERROR)
-        try:
-            with safe_torch_load():
-                self._load(scratch, target.name)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
-            logger.setLevel(level)
+        with safe_torch_load():
+            self._load(scratch, target.name, universal=True)
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(target, ignore_errors=True)
 
-    def _load(self, folder: Path, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(folder),
-            tag=tag,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+    def _load(self, folder: Path, tag: str, universal: bool) -> None:
+        """DeepSpeed's load of checkpoint `tag` in `folder`, universal or its own format
+        (set per load, whatever a user's config file says)."""
+        from deepspeed.utils import logger
+
+        self.engine._config.load_universal_checkpoint = universal
+        level = logger.level  # a universal load warns that no model-parallel unit was given
+        logger.setLevel(logging.ERROR if universal else level)
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(folder),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            logger.setLevel(level)
         if path is None:
             raise SarkitError(f"{folder}: no DeepSpeed checkpoint in it")
 
