@@ -448,20 +448,31 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def clamp_parameter(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
-        """Clamp the optimiser's fp32 master copy (and the module's copy), every ZeRO stage.
+        """Clamp the optimiser's fp32 master of `param` (and the module's copy) in place.
 
-        All ranks must call it together (ZeRO-3 gathers the master fragments).
+        Each rank clamps the part of the master it holds: no gather and no read back to the
+        host. It gathered the whole master, compared it on the host and scattered it back
+        every step: a collective and a host sync per step. ZeRO-3's local-partition API
+        still waits for its reduction stream (DeepSpeed's own synchronisation), but no
+        longer gathers.
         """
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the master
+            import torch.distributed as dist
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        master = safe_get_full_fp32_param(param)
-        if master is None:
-            with self.gathered([param]):
-                param.clamp_(lo, hi)
+            local = safe_get_local_fp32_param(param)
+            if local is None:
+                return
+            start = dist.get_rank(group=param.ds_process_group) * local.numel()
+            valid = max(0, min(local.numel(), param.ds_numel - start))  # the rest is padding
+            local = local.clone()
+            local[:valid].clamp_(lo, hi)
+            safe_set_local_fp32_param(param, local)
             return
-        clamped = master.clamp(lo, hi)
-        if not torch.equal(clamped, master):
-            safe_set_full_fp32_param(param, clamped)
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: the fragment held here
+        if mapping is not None:
+            mapping.get_hp_fragment().clamp_(lo, hi)
+        param.clamp_(lo, hi)
 
     def full_weights(self) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
         """(name -> (dtype, shape), the optimiser's fp32 master weights one at a time).
