@@ -17,6 +17,7 @@ gathered) moves the losses by percents from the third step on.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -216,6 +217,16 @@ def test_resume_on_another_number_of_processes(tmp_path, cli):
     assert len(list((grown / "deepspeed").glob("zero_pp_rank_*"))) == 2
     assert same_state(zero12_state(grown), zero12_state(step4))
     assert (tmp_path / "grown" / "model.safetensors").read_bytes() == weights
+
+    # a damaged partition: one line naming it, no traceback, nothing loaded
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step2, damaged)
+    victim = next((damaged / "deepspeed").glob("*zero_pp_rank_1_*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc = cli("pretrain", records, "-o", tmp_path / "never", *one, "--deepspeed", "zero2",
+               "--resume", damaged, env=env, check=1)  # fmt: skip
+    assert victim.name in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(damaged.parent.glob("never/checkpoints/.universal*"))
 
     # 2 -> 1 mid-run, against DDP's 2 -> 1 (whose state is whole, nothing to convert)
     cli("pretrain", records, "-o", tmp_path / "z1", *one, "--deepspeed", "zero2",

@@ -349,8 +349,12 @@ def read_safely(path: Any, map_location: Any = None, loader: Any = None, **kwarg
             return load(path, map_location=map_location, weights_only=True, **kwargs)
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-        why = lines[0] if lines else type(exc).__name__
-        raise SarkitError(f"{path}: not read: holds more than tensors and values ({why})") from None
+        if lines:
+            why = f"holds more than tensors and values ({lines[0]})"
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            why = f"damaged or not a checkpoint file ({type(exc).__name__}: {first})"
+        raise SarkitError(f"{path}: not read: {why}") from None
 
 
 def safe_checkpoint_reads(engine: Any) -> None:
@@ -448,13 +452,13 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def clamp_parameter(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
-        """Clamp the optimiser's fp32 master of `param` (and the module's copy) in place.
+        """Clamp the optimiser's fp32 master of `param` in place (and under ZeRO-1/2 the
+        module's copy; KnowLIP's forward clamps the copy it computes with).
 
-        Each rank clamps the part of the master it holds: no gather and no read back to the
-        host. It gathered the whole master, compared it on the host and scattered it back
-        every step: a collective and a host sync per step. ZeRO-3's local-partition API
-        still waits for its reduction stream (DeepSpeed's own synchronisation), but no
-        longer gathers.
+        Each rank clamps the part of the master it holds: no gather, no collective and no
+        read back to the host, where a whole-master gather and compare cost one of each per
+        step. ZeRO-3's local-partition API still waits for its reduction stream
+        (DeepSpeed's own synchronisation).
         """
         if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the master
             import torch.distributed as dist

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def convert(source: Path, target: Path) -> None:
             contextlib.redirect_stdout(chatter),
             contextlib.redirect_stderr(chatter),
         ):
-            import sys
-
             saved_argv, sys.argv = sys.argv, ["ds_to_universal", *argv]
             try:
                 main(parse_arguments())
