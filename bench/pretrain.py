@@ -28,6 +28,8 @@ both alike; the load average is printed.
            GPU (H100/H200 989, A100 312). `base-bert` is ViT-B/16 + a BERT-base-shaped
            text tower (12 layers, 768 wide; random init, as no weights download here).
   --compile  torch.compile the four towers (online and momentum, vision and text) in place.
+  --tokenizer DIR  base-bert's tokenizer files (vocab.txt, tokenizer.json, ...) from DIR,
+           for a machine without the offline MiniLM package (a GPU box: carry them).
   --profile DIR  after the timed steps, 3 more under torch.profiler: a Chrome/Perfetto
            trace per config in DIR (keep it out of the repository), and a table of where a
            step's time goes: the ops with the most self time on the device (CUDA time on a
@@ -81,9 +83,11 @@ def options(name: str, out: Path, steps: int, workers: int, text: str | None = N
     )  # fmt: skip
 
 
-def bert_base_folder(folder: Path) -> str:
+def bert_base_folder(folder: Path, tokenizer: Path | None = None) -> str:
     """A BERT-base config (transformers' defaults are bert-base-uncased's shape) beside the
-    offline MiniLM tokenizer, which has the same uncased vocabulary."""
+    tokenizer files of `tokenizer` (a folder), else of the offline MiniLM, which has the
+    same uncased vocabulary (a GPU machine without the MiniLM package needs only its
+    tokenizer files, about 1 MB)."""
     import shutil
 
     from transformers import BertConfig
@@ -92,7 +96,7 @@ def bert_base_folder(folder: Path) -> str:
 
     folder.mkdir(parents=True, exist_ok=True)
     BertConfig().save_pretrained(folder)
-    src = Path(resolve_text_path(None))
+    src = tokenizer or Path(resolve_text_path(None))
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json"):  # fmt: skip
         if (src / name).exists():
@@ -110,6 +114,7 @@ def mfu(
     batch: int | None = None,
     compile_towers: bool = False,
     trace: Path | None = None,
+    tokenizer: Path | None = None,
 ):
     """(pairs/s, counted TFLOPs per step, MFU or None, profile lines) of the bare loop on
     synthetic data."""
@@ -121,7 +126,7 @@ def mfu(
     from sarkit.train.engine import adamw, param_groups
     from sarkit.train.pretrain import model_config
 
-    text = bert_base_folder(tmp / "bert-base") if name == "base-bert" else None
+    text = bert_base_folder(tmp / "bert-base", tokenizer) if name == "base-bert" else None
     opts = options(name, tmp / "run", steps, 0, text)
     opts.batch_size = batch or opts.batch_size
     fields = ("Terrain", "Functionality", "Distribution", "Layout", "Boundary", "Buildings",
@@ -402,6 +407,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="--mfu: batch size instead of the config's")
     ap.add_argument("--compile", action="store_true", help="--mfu: torch.compile the towers")
     ap.add_argument("--profile", type=Path, help="--mfu: a profile of 3 steps, traces in DIR")
+    ap.add_argument("--tokenizer", type=Path, help="base-bert: tokenizer files from DIR")
     args = ap.parse_args()
     from sarkit import log
 
@@ -424,7 +430,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 pairs, tflops, util, lines = mfu(name, args.steps, args.device, args.precision,
                                                  args.peak_tflops, Path(tmp), args.batch,
-                                                 args.compile, trace)  # fmt: skip
+                                                 args.compile, trace, args.tokenizer)  # fmt: skip
             shown = f"{util * 100:.1f}%" if util is not None else "n/a (no --peak-tflops)"
             print(f"| {name} | {batch} | {pairs:.1f} | {tflops:.2f} | {shown} |")
             profiles.append((name, batch, lines))
