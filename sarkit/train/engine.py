@@ -469,8 +469,7 @@ class DeepSpeedEngine:
                 return
             start = dist.get_rank(group=param.ds_process_group) * local.numel()
             valid = max(0, min(local.numel(), param.ds_numel - start))  # the rest is padding
-            local = local.clone()
-            local[:valid].clamp_(lo, hi)
+            local[:valid].clamp_(lo, hi)  # a view of the master, or a copy (offload)
             safe_set_local_fp32_param(param, local)
             return
         mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2: the fragment held here
