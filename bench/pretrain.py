@@ -33,9 +33,9 @@ both alike; the load average is printed.
   --profile DIR  after the timed steps, 3 more under torch.profiler: a Chrome/Perfetto
            trace per config in DIR (keep it out of the repository), and a table of where a
            step's time goes: the ops with the most self time on the device (CUDA time on a
-           GPU, CPU time on the CPU), the ops launched per step, and the host syncs per
-           step (scalar reads, nonzero, stream/device synchronisations, device-to-host
-           copies), which stop the host until the GPU catches up.
+           GPU, CPU time on the CPU), and the host syncs per step (scalar reads, nonzero,
+           stream/device synchronisations; on a GPU also device-to-host copies and the
+           kernels launched), which stop the host until the GPU catches up.
 """
 
 from __future__ import annotations

@@ -245,7 +245,8 @@ class Loop:
         from sarkit.train.universal import reshard
 
         files = [folder / f"task-rank{r}.safetensors" for r in range(saved)]
-        for path in files if saved != self.world else [files[self.rank]]:
+        needed = [files[self.rank]] if saved == self.world else files
+        for path in needed:
             if not path.exists():
                 raise SarkitError(f"{path} is missing: the checkpoint is incomplete")
         if saved == self.world:
@@ -325,8 +326,8 @@ class Loop:
         tb = self._open_logs(resumed)
         metrics = CsvLog(self.out / "metrics.csv", self.step if resumed else None, self.main)
         evals = CsvLog(self.out / "eval.csv", self.step if resumed else None, self.main)
-        # a checkpoint from another folder (another run's, or one saved by another number of
-        # processes) is saved again in this run's own, so the run folder resumes by itself
+        # a checkpoint from another folder (another run's) is saved again in this run's own,
+        # so the run folder resumes by itself
         own = resumed and source.resolve().parent == self.ckpt_dir.resolve()
         last_saved = self.step if own else -1
         sums: dict[str, Any] = {}  # this step's outputs, summed over its micro-batches
